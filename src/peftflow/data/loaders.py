@@ -1,0 +1,158 @@
+"""Loaders that turn each supported source into the standard table (see :mod:`.schema`).
+
+Loaders only read and reshape; whether labels, duplicates and lengths are
+acceptable is decided later by the Great Expectations checks stage.
+"""
+
+from __future__ import annotations
+
+import io
+import urllib.parse
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import pandas as pd
+
+from peftflow.config import DataConfig
+from peftflow.data.schema import make_table
+from peftflow.data.spamassassin import fetch_spamassassin, load_spamassassin
+from peftflow.errors import DataError
+
+SMS_ZIP_MEMBER = "SMSSpamCollection"
+SMS_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
+TABLE_READERS = {
+    ".csv": lambda path: pd.read_csv(path, dtype=str, keep_default_na=False),
+    ".parquet": pd.read_parquet,
+    ".jsonl": lambda path: pd.read_json(path, lines=True, dtype=False),
+    ".json": lambda path: pd.read_json(path, dtype=False),
+}
+_MAX_LISTED = 10  # bad rows/lines named in an error message
+
+
+def load_dataset(cfg: DataConfig, cache_dir: Path) -> pd.DataFrame:
+    """Load the configured source as the standard table (no label/duplicate checks here)."""
+    if cfg.source == "spamassassin":
+        return load_spamassassin(fetch_spamassassin(Path(cache_dir)))
+    if cfg.source == "sms":
+        return load_sms_collection(cfg.path or cfg.url)
+    return load_table(cfg.path, cfg.text_column, cfg.label_column)
+
+
+def load_sms_collection(path_or_url: str) -> pd.DataFrame:
+    """UCI SMS Spam Collection (``label<TAB>text`` lines): raw file, or its zip by path or URL."""
+    raw, source = _read_sms_bytes(str(path_or_url))
+    lines = _decode_text(raw).splitlines()
+    records, bad = [], []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        label, tab, text = line.partition("\t")
+        if not tab or not label.strip() or not text.strip():
+            bad.append(number)
+            continue
+        records.append(_row(f"sms-{number:06d}", text.strip(), label.strip(), source))
+    if bad:
+        raise DataError(
+            f"{path_or_url}: {len(bad)} line(s) are not `label<TAB>text` "
+            f"(line {_list_some(bad)}); fix or remove them"
+        )
+    if not records:
+        raise DataError(f"{path_or_url} holds no `label<TAB>text` lines; is it the right file?")
+    return make_table(records)
+
+
+def load_table(path: str | Path, text_column: str, label_column: str) -> pd.DataFrame:
+    """A user's .csv/.parquet/.jsonl/.json file with named text and label columns."""
+    path = Path(path)
+    reader = TABLE_READERS.get(path.suffix.lower())
+    if reader is None:
+        raise DataError(
+            f"{path}: unsupported file type {path.suffix!r}; "
+            f"convert it to one of {', '.join(TABLE_READERS)}"
+        )
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist; set data.path to an existing file")
+    try:
+        frame = reader(path)
+    except (ValueError, OSError, pd.errors.ParserError) as err:
+        raise DataError(
+            f"could not read {path}: {err}; check that it is a valid {path.suffix} file"
+        ) from err
+    _require_columns(frame, path, text_column, label_column)
+    texts, labels = frame[text_column], frame[label_column]
+    _reject_missing(path, texts.isna() | labels.isna())
+    return make_table(
+        _row(f"row-{number:06d}", str(text), str(label), path.name)
+        for number, (text, label) in enumerate(zip(texts, labels, strict=True), start=1)
+    )
+
+
+def _row(row_id: str, text: str, label: str, source: str) -> dict[str, str]:
+    return {"id": row_id, "text": text, "label": label, "subject": "", "source": source}
+
+
+def _read_sms_bytes(path_or_url: str) -> tuple[bytes, str]:
+    """The collection's bytes and file name, unzipped when it is the UCI zip."""
+    data, name = _read_local_or_remote(path_or_url)
+    if not zipfile.is_zipfile(io.BytesIO(data)):
+        return data, name
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        if SMS_ZIP_MEMBER not in archive.namelist():
+            raise DataError(
+                f"{path_or_url} has no {SMS_ZIP_MEMBER!r} member (it has {archive.namelist()}); "
+                f"use the UCI zip ({SMS_URL}) or the extracted file"
+            )
+        return archive.read(SMS_ZIP_MEMBER), SMS_ZIP_MEMBER
+
+
+def _read_local_or_remote(path_or_url: str) -> tuple[bytes, str]:
+    if path_or_url.startswith(("http://", "https://")):
+        return _download(path_or_url), Path(urllib.parse.urlsplit(path_or_url).path).name
+    path = Path(path_or_url)
+    if not path.is_file():
+        raise DataError(f"SMS collection {path} does not exist; set data.path or data.url")
+    return path.read_bytes(), path.name
+
+
+def _download(url: str) -> bytes:
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            return response.read()
+    except OSError as err:  # URLError and timeouts are OSErrors
+        raise DataError(
+            f"could not download {url}: {err}; download it yourself and set data.path to the file"
+        ) from err
+
+
+def _decode_text(raw: bytes) -> str:
+    """UTF-8 (with or without BOM), else latin-1 (every byte sequence is valid latin-1)."""
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
+def _require_columns(frame: pd.DataFrame, path: Path, *columns: str) -> None:
+    missing = [column for column in columns if column not in frame.columns]
+    if missing:
+        raise DataError(
+            f"{path} has no column(s) {missing}; available columns: {list(frame.columns)}; "
+            "set data.text_column / data.label_column to the right names"
+        )
+
+
+def _reject_missing(path: Path, missing: pd.Series) -> None:
+    """A null text or label would silently become the string "nan": refuse it."""
+    if missing.any():
+        rows = [int(position) + 1 for position in missing.to_numpy().nonzero()[0]]
+        raise DataError(
+            f"{path}: {len(rows)} row(s) have an empty text or label (data row "
+            f"{_list_some(rows)}); fill or drop them"
+        )
+
+
+def _list_some(numbers: list[int]) -> str:
+    shown = ", ".join(str(number) for number in numbers[:_MAX_LISTED])
+    hidden = len(numbers) - _MAX_LISTED
+    return f"{shown} and {hidden} more" if hidden > 0 else shown

@@ -1,0 +1,159 @@
+"""Saving and reloading trained classifiers so they come back exactly.
+
+A saved model folder holds:
+
+- ``weights.safetensors``: only the tensors that were trained (the whole model
+  for ``full``, the head for ``last_layer``, LoRA matrices + head for ``lora``);
+- ``peftflow_model.json``: the experiment config, labels and a pinned reference
+  to the base weights (location + fingerprint);
+- ``tokenizer/``: the tokenizer as used in training.
+
+Reloading rebuilds the base from its reference, refuses if the base weights'
+fingerprint changed, re-applies the same method and loads the trained tensors.
+This avoids the silent failure of logging a PEFT model whose base is not a hub
+repo (base weights re-initialised on reload). Only safetensors are read: no
+pickle is ever loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from peftflow.assets import ResolvedModel, resolve_model
+from peftflow.config import ExperimentConfig, parse_config
+from peftflow.errors import RegistryError
+from peftflow.methods import apply_method
+from peftflow.modeling import build_classifier, load_tokenizer
+
+META_FILE = "peftflow_model.json"
+WEIGHTS_FILE = "weights.safetensors"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class LoadedClassifier:
+    model: nn.Module
+    tokenizer: object
+    config: ExperimentConfig
+    labels: list[str]
+    base: ResolvedModel
+
+
+def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors that received gradients, keyed as in ``model.state_dict()``."""
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    return {
+        name: tensor.detach().to("cpu").contiguous().clone()
+        for name, tensor in model.state_dict().items()
+        if name in trainable
+    }
+
+
+def save_classifier(
+    model: nn.Module,
+    tokenizer,
+    config: ExperimentConfig,
+    base: ResolvedModel,
+    out_dir: Path,
+) -> Path:
+    """Write the model folder atomically (a crash never leaves half a model)."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
+    try:
+        save_file(trained_state(model), str(staging / WEIGHTS_FILE))
+        tokenizer.save_pretrained(str(staging / "tokenizer"))
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "config": config.model_dump(mode="json"),
+            "labels": list(config.data.labels),
+            "base": base.to_dict(),
+        }
+        (staging / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def load_classifier(model_dir: Path, device: str = "cpu") -> LoadedClassifier:
+    """Rebuild base + method from the pinned reference and load the trained tensors."""
+    model_dir = Path(model_dir)
+    meta_path = model_dir / META_FILE
+    if not meta_path.is_file():
+        raise RegistryError(f"{model_dir} is not a peftflow model folder (no {META_FILE})")
+    meta = json.loads(meta_path.read_text())
+    config = parse_config(meta["config"], source=str(meta_path))
+    base = _pinned_base(meta["base"])
+    model = build_classifier(
+        base, len(meta["labels"]), _pooling(config, base), config.model.dtype, seed=config.seed
+    )
+    model = apply_method(model, config.method, base.family)
+    _load_trained_tensors(model, model_dir / WEIGHTS_FILE)
+    tokenizer = load_tokenizer_from(model_dir / "tokenizer", config)
+    model.to(device).eval()
+    return LoadedClassifier(model, tokenizer, config, meta["labels"], base)
+
+
+def _pinned_base(recorded: dict) -> ResolvedModel:
+    """Resolve the base again and make sure its weights are the very same."""
+    current = resolve_model(recorded["name"], recorded.get("revision"))
+    if current.fingerprint != recorded["fingerprint"]:
+        raise RegistryError(
+            f"base model {recorded['name']!r} changed since this model was trained "
+            f"(fingerprint {recorded['fingerprint']} -> {current.fingerprint}); install "
+            f"{recorded.get('package_version') or recorded['location']} to reload it"
+        )
+    return current
+
+
+def _pooling(config: ExperimentConfig, base: ResolvedModel):
+    return None if config.model.pooling == "auto" else config.model.pooling
+
+
+def _load_trained_tensors(model: nn.Module, weights_path: Path) -> None:
+    state = load_file(str(weights_path))
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        raise RegistryError(
+            f"{weights_path} holds tensors the rebuilt model lacks: {result.unexpected_keys[:5]}; "
+            "it was saved by an incompatible method or peftflow version"
+        )
+
+
+def load_tokenizer_from(folder: Path, config: ExperimentConfig):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    tokenizer.padding_side = config.model.padding_side
+    return tokenizer
+
+
+def build_for_training(config: ExperimentConfig) -> tuple[nn.Module, object, ResolvedModel]:
+    """Resolve the base, build classifier + tokenizer, apply the method."""
+    base = resolve_model(config.model.name, config.model.revision)
+    tokenizer = load_tokenizer(base, config.model.padding_side)
+    model = build_classifier(
+        base,
+        len(config.data.labels),
+        _pooling(config, base),
+        config.model.dtype,
+        seed=config.seed,
+    )
+    # Keep the backbone's pad id consistent with the tokenizer (decoders pad with eos).
+    if getattr(model.backbone.config, "pad_token_id", None) is None:
+        model.backbone.config.pad_token_id = tokenizer.pad_token_id
+    model = apply_method(model, config.method, base.family)
+    return model, tokenizer, base

@@ -1,0 +1,253 @@
+"""The pipeline's stages as plain functions (no Prefect here).
+
+Each stage takes and returns serialisable values (paths, dicts, strings) so the
+Prefect tasks in ``tasks/`` can retry, cache and persist them; torch objects
+never cross a stage boundary. ``flows/`` wires these stages in order.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import pandas as pd
+
+from peftflow.config import ExperimentConfig
+from peftflow.tracking import (
+    RunTracker,
+    ensure_experiment,
+    find_finished_run,
+    resolve_tracking_uri,
+    standard_tags,
+)
+
+SPLITS = ("train", "val", "test")
+
+
+def outputs_dir(root: Path) -> Path:
+    return Path(root) / "outputs"
+
+
+def tracking_uri(cfg: ExperimentConfig, root: Path) -> str:
+    return resolve_tracking_uri(cfg.tracking.tracking_uri, Path(root))
+
+
+# --- data -------------------------------------------------------------------
+
+
+def ingest_stage(cfg: ExperimentConfig, root: Path, remote_url: str | None = None) -> dict:
+    """Fetch/parse the configured source into a DVC-tracked table; returns its md5."""
+    from peftflow.data.ingest import ingest
+
+    result = ingest(cfg.data, Path(root), remote_url=remote_url)
+    return {**asdict(result), "table_path": str(result.table_path)}
+
+
+def _write_report(report, report_dir: Path) -> list[str]:
+    return [str(path) for path in report.write(Path(report_dir))]
+
+
+def validate_raw_stage(cfg: ExperimentConfig, table_path: str, report_dir: Path) -> dict:
+    """Great Expectations raw-data suite; the report is written even when it fails."""
+    from peftflow.checks import validate_raw
+
+    report = validate_raw(pd.read_parquet(table_path), cfg.data)
+    paths = _write_report(report, report_dir)
+    report.raise_if_failed()
+    return {"success": report.success, "report_paths": paths}
+
+
+def split_stage(cfg: ExperimentConfig, table_path: str, data_md5: str, root: Path) -> dict:
+    """Deterministic stratified split, written as parquet under outputs/splits/."""
+    from peftflow.split import split_dataset, split_summary
+
+    splits = split_dataset(pd.read_parquet(table_path), cfg.data.split, cfg.seed)
+    key = f"{data_md5}-{cfg.data.split.model_dump_json()}-{cfg.seed}"
+    out = outputs_dir(root) / "splits" / _short_hash(key)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name in SPLITS:
+        paths[name] = str(out / f"{name}.parquet")
+        splits[name].to_parquet(paths[name], index=False)
+    return {"paths": paths, "summary": split_summary(splits)}
+
+
+def validate_splits_stage(split_paths: dict[str, str], report_dir: Path) -> dict:
+    from peftflow.checks import validate_splits
+
+    report = validate_splits(load_splits(split_paths))
+    paths = _write_report(report, report_dir)
+    report.raise_if_failed()
+    return {"success": report.success, "report_paths": paths}
+
+
+def tokenisation_stage(
+    cfg: ExperimentConfig, split_paths: dict[str, str], report_dir: Path
+) -> dict:
+    """Second GE suite: token lengths vs max_length, truncation, pad token, padding side."""
+    from peftflow.assets import resolve_model
+    from peftflow.checks import validate_tokenisation
+    from peftflow.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(
+        resolve_model(cfg.model.name, cfg.model.revision), cfg.model.padding_side
+    )
+    splits = load_splits(split_paths)
+    report = validate_tokenisation(
+        splits,
+        tokenizer,
+        cfg.model.max_length,
+        cfg.model.padding_side,
+        cfg.data.labels,
+        max_truncation_rate=cfg.model.max_truncation_rate,
+    )
+    paths = _write_report(report, report_dir)
+    report.raise_if_failed()
+    # The truncation expectation already measured every length: reuse its stats.
+    observed = next(r.observed for r in report.results if "token_lengths" in (r.observed or {}))
+    return {"success": report.success, "report_paths": paths, **observed}
+
+
+def load_splits(split_paths: dict[str, str]) -> dict[str, pd.DataFrame]:
+    return {name: pd.read_parquet(path) for name, path in split_paths.items()}
+
+
+def _short_hash(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+# --- cache --------------------------------------------------------------------
+
+
+def cached_run(cfg: ExperimentConfig, data_md5: str, root: Path) -> str | None:
+    """The id of a finished run with the same run key, if any (then nothing retrains)."""
+    uri = tracking_uri(cfg, root)
+    ensure_experiment(cfg.tracking.experiment, uri, Path(root))
+    return find_finished_run(uri, cfg.tracking.experiment, cfg.run_key(data_md5))
+
+
+def run_summary(cfg: ExperimentConfig, run_id: str, root: Path) -> dict:
+    """Metrics and model folder of an existing run (used when a run is served from cache)."""
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(tracking_uri(cfg, root)).get_run(run_id)
+    return {
+        "run_id": run_id,
+        "run_key": run.data.tags.get("peftflow.run_key"),
+        "metrics": dict(run.data.metrics),
+        "model_dir": run.data.tags.get("peftflow.model_dir"),
+        "cached": True,
+    }
+
+
+# --- training -----------------------------------------------------------------
+
+
+def train_stage(
+    cfg: ExperimentConfig,
+    split_paths: dict[str, str],
+    data_md5: str,
+    report_paths: list[str],
+    root: Path,
+) -> dict:
+    """Train + evaluate inside one MLflow run; save the model folder and check it reloads."""
+    from peftflow.training_run import run_training
+
+    uri = tracking_uri(cfg, root)
+    experiment_id = ensure_experiment(cfg.tracking.experiment, uri, Path(root))
+    tags = {
+        **standard_tags(cfg.run_key(data_md5), data_md5, cfg.config_hash(), Path(root)),
+        "peftflow.kind": "finetune",
+        "peftflow.method": cfg.method.name,
+        "peftflow.task": cfg.task,
+        "peftflow.base_model": cfg.model.name,
+    }
+    with RunTracker(uri) as tracker:
+        run_id = tracker.start(experiment_id, cfg.name, tags, cfg.flat_params())
+        for path in report_paths:
+            tracker.log_artifact(path, "data_checks")
+        out_dir = outputs_dir(root) / "runs" / run_id
+        result = run_training(cfg, load_splits(split_paths), tracker, out_dir)
+        tracker.set_tags(
+            {"peftflow.model_dir": result["model_dir"], "peftflow.checks_passed": "true"}
+        )
+    return {"run_id": run_id, "run_key": cfg.run_key(data_md5), "cached": False, **result}
+
+
+def baseline_stage(
+    cfg: ExperimentConfig, split_paths: dict[str, str], data_md5: str, root: Path
+) -> dict:
+    """TF-IDF + logistic regression on the same split, logged as its own run."""
+    from peftflow.baseline import train_tfidf_baseline
+    from peftflow.metrics import plot_confusion
+
+    uri = tracking_uri(cfg, root)
+    experiment_id = ensure_experiment(cfg.tracking.experiment, uri, Path(root))
+    key = f"baseline-tfidf-{_short_hash(cfg.data.model_dump_json() + str(cfg.seed))}-{data_md5}"
+    existing = find_finished_run(uri, cfg.tracking.experiment, key)
+    if existing:
+        return {**run_summary(cfg, existing, root), "run_key": key}
+    tags = {
+        **standard_tags(key, data_md5, key, Path(root)),
+        "peftflow.kind": "baseline",
+        "peftflow.method": "tfidf_logreg",
+        "peftflow.task": cfg.task,
+    }
+    with RunTracker(uri) as tracker:
+        run_id = tracker.start(experiment_id, "baseline-tfidf-logreg", tags, {"seed": cfg.seed})
+        result = train_tfidf_baseline(
+            load_splits(split_paths), cfg.data.labels, cfg.data.positive_label, cfg.seed
+        )
+        tracker.log_params({"baseline.C": result.best_c, "baseline.model": "tfidf+logreg"})
+        tracker.log_metrics(result.metrics)
+        png = outputs_dir(root) / "runs" / run_id / "confusion_test.png"
+        plot_confusion(result.test_confusion, cfg.data.labels, "TF-IDF + LR (test)", png)
+        tracker.log_artifact(png, "plots")
+    return {"run_id": run_id, "run_key": key, "metrics": result.metrics, "cached": False}
+
+
+# --- registry -----------------------------------------------------------------
+
+
+def register_stage(cfg: ExperimentConfig, run_id: str, model_dir: str, root: Path) -> dict:
+    """Log the pyfunc model into the run and register a new version."""
+    from peftflow.pyfunc import PeftflowClassifier
+    from peftflow.registry import log_and_register_model
+
+    example = pd.DataFrame({"text": ["Subject: meeting\n\nSee you at 10 tomorrow."]})
+    info = log_and_register_model(
+        run_id,
+        Path(model_dir),
+        cfg.tracking.model_name,
+        tracking_uri(cfg, root),
+        python_model=PeftflowClassifier(),
+        input_example=example,
+    )
+    return {"name": info.name, "version": str(info.version)}
+
+
+def promote_stage(cfg: ExperimentConfig, name: str, version: str, root: Path) -> dict:
+    """Move alias ``champion`` only when the gate passes; the decision is recorded either way."""
+    from peftflow.registry import promote_if_better
+
+    decision = promote_if_better(
+        name,
+        version,
+        tracking_uri(cfg, root),
+        metric=cfg.tracking.promote_metric,
+        margin=cfg.tracking.promote_margin,
+        require_tags={"peftflow.checks_passed": "true", "peftflow.reload_check": "passed"},
+    )
+    return asdict(decision)
+
+
+def write_summary(summary: dict, root: Path, name: str) -> Path:
+    path = outputs_dir(root) / f"{name}-summary.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    summary = {**summary, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    path.write_text(json.dumps(summary, indent=2, default=str))
+    return path

@@ -1,0 +1,30 @@
+"""The MLflow pyfunc flavour of a peftflow classifier.
+
+``mlflow.pyfunc.load_model("models:/NAME@champion").predict(df)`` takes a
+DataFrame with a ``text`` column and returns labels and probabilities.
+"""
+
+from __future__ import annotations
+
+import mlflow.pyfunc
+import pandas as pd
+
+from peftflow.errors import DataError
+
+
+class PeftflowClassifier(mlflow.pyfunc.PythonModel):
+    """Loads the model folder logged under artifact ``model_dir``."""
+
+    def load_context(self, context) -> None:
+        from peftflow.model_io import load_classifier
+
+        self._loaded = load_classifier(context.artifacts["model_dir"])
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        from peftflow.predict import predict_texts
+
+        if isinstance(model_input, pd.Series):
+            model_input = model_input.to_frame("text")
+        if "text" not in model_input.columns:
+            raise DataError(f"input needs a 'text' column; got columns {list(model_input.columns)}")
+        return predict_texts(self._loaded, model_input["text"].astype(str).tolist())

@@ -1,0 +1,279 @@
+"""Model registry: log a pyfunc model, register it, and promote it to ``champion`` only when it earns it.
+
+Promotion is a gate, not a side effect of training: a candidate must carry the
+required check tags on its run and beat the current champion's metric by a
+margin. Every decision, promoted or refused, is written on the model version
+(tags) and appended to the registered model's description, so the registry
+itself explains why the champion is the champion. Aliases replace the
+deprecated stages: ``champion`` serves, ``previous`` is the rollback target.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+
+from peftflow.errors import RegistryError
+
+MODEL_ARTIFACT_PATH = "model"
+CHAMPION = "champion"
+PREVIOUS = "previous"
+DECISION_TAG = "peftflow.promotion.decision"
+REASON_TAG = "peftflow.promotion.reason"
+# What a served model needs at load time; pinned exactly so MLflow does not
+# infer requirements (inference imports the model and asks for torchvision).
+PINNED_PACKAGES = ("torch", "transformers", "peft", "pandas", "cloudpickle")
+
+
+@dataclass(frozen=True)
+class ModelVersionInfo:
+    name: str
+    version: str
+    source: str
+
+
+@dataclass(frozen=True)
+class PromotionDecision:
+    promoted: bool
+    reason: str
+    candidate_metric: float
+    champion_version: str | None
+    champion_metric: float | None
+
+
+def default_pip_requirements() -> list[str]:
+    """Exact pins of the installed runtime packages, without local labels like ``+cpu``.
+
+    ``torch==2.13.0`` still matches ``2.13.0+cpu`` (PEP 440 ignores the local
+    label), so the same requirements install on CPU and GPU machines.
+    """
+    pins = []
+    for package in PINNED_PACKAGES:
+        try:
+            pins.append(f"{package}=={metadata.version(package).split('+')[0]}")
+        except metadata.PackageNotFoundError:
+            continue
+    return pins
+
+
+def log_and_register_model(
+    run_id: str,
+    model_dir: Path,
+    model_name: str,
+    tracking_uri: str,
+    python_model: mlflow.pyfunc.PythonModel,
+    input_example: Any,
+    signature: Any = None,
+    pip_requirements: list[str] | None = None,
+) -> ModelVersionInfo:
+    """Save ``python_model`` (with ``model_dir`` as its artifact) into run ``run_id``; register it.
+
+    The model is saved locally and uploaded with an explicit client instead of
+    ``mlflow.pyfunc.log_model``: that needs MLflow's process-global tracking
+    URI and active run, which Prefect tasks in threads would race on. The run's
+    status is left alone, so an open tracker decides when the run ends.
+    """
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise RegistryError(
+            f"cannot log model: model_dir {model_dir} is not a folder; save the model there first."
+        )
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    run = _get_run(client, run_id)
+    with tempfile.TemporaryDirectory() as scratch:
+        saved = Path(scratch) / MODEL_ARTIFACT_PATH
+        mlflow.pyfunc.save_model(
+            saved,
+            python_model=python_model,
+            artifacts={"model_dir": str(model_dir)},
+            input_example=input_example,
+            signature=signature,
+            pip_requirements=pip_requirements or default_pip_requirements(),
+        )
+        client.log_artifacts(run_id, str(saved), MODEL_ARTIFACT_PATH)
+    _ensure_registered_model(client, model_name)
+    source = f"{run.info.artifact_uri}/{MODEL_ARTIFACT_PATH}"
+    registered = client.create_model_version(model_name, source, run_id=run_id)
+    return ModelVersionInfo(registered.name, str(registered.version), registered.source)
+
+
+def _ensure_registered_model(client: MlflowClient, model_name: str) -> None:
+    try:
+        client.create_registered_model(model_name)
+    except MlflowException as error:
+        if error.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+            raise
+
+
+def _get_run(client: MlflowClient, run_id: str) -> Any:
+    try:
+        return client.get_run(run_id)
+    except MlflowException as error:
+        raise RegistryError(
+            f"MLflow run {run_id!r} not found in {client.tracking_uri}: {error.message}. "
+            "Pass the run id returned by RunTracker.start against the same tracking URI."
+        ) from None
+
+
+def _run_metric(client: MlflowClient, run_id: str, metric: str, who: str) -> float:
+    metrics = _get_run(client, run_id).data.metrics
+    if metric not in metrics:
+        raise RegistryError(
+            f"{who} run {run_id} has no metric {metric!r} (it has: {sorted(metrics) or 'none'}); "
+            f"log {metric!r} on the run before promoting, or pass metric= one it has."
+        )
+    return metrics[metric]
+
+
+def _model_version(client: MlflowClient, model_name: str, model_version: str) -> Any:
+    try:
+        found = client.get_model_version(model_name, model_version)
+    except MlflowException:
+        raise RegistryError(
+            f"model {model_name!r} has no version {model_version!r}; "
+            "register it with log_and_register_model first."
+        ) from None
+    if not found.run_id:
+        raise RegistryError(
+            f"model {model_name!r} version {model_version} has no source run, so its metrics "
+            "cannot be read; register versions from a tracked run."
+        )
+    return found
+
+
+def _aliases(client: MlflowClient, model_name: str) -> dict[str, str]:
+    """Alias -> version of a registered model; empty when the model is not registered."""
+    try:
+        model = client.get_registered_model(model_name)
+    except MlflowException:
+        return {}
+    return {alias: str(v) for alias, v in model.aliases.items()}
+
+
+def _missing_tags(run_tags: dict[str, str], require_tags: dict[str, str]) -> list[str]:
+    return [
+        f"{key}={expected} (found {run_tags.get(key)!r})"
+        for key, expected in require_tags.items()
+        if run_tags.get(key) != expected
+    ]
+
+
+def _judge(
+    candidate_metric: float,
+    champion_version: str | None,
+    champion_metric: float | None,
+    metric: str,
+    margin: float,
+) -> tuple[bool, str]:
+    """(promote?, why) from the metrics alone; the tag gate runs before this."""
+    if not math.isfinite(candidate_metric):
+        return False, f"candidate {metric}={candidate_metric} is not a finite number"
+    if champion_version is None:
+        return True, f"no champion yet; candidate {metric}={candidate_metric:.4f}"
+    comparison = (
+        f"candidate {metric}={candidate_metric:.4f} vs champion v{champion_version} "
+        f"{champion_metric:.4f} + margin {margin:.4f}"
+    )
+    if candidate_metric > champion_metric + margin:
+        return True, f"{comparison}: better"
+    return False, f"{comparison}: not better"
+
+
+def _record_decision(
+    client: MlflowClient, model_name: str, model_version: str, decision: str, reason: str
+) -> None:
+    """Write the decision on the version's tags and as a timestamped line of the model description."""
+    client.set_model_version_tag(model_name, model_version, DECISION_TAG, decision)
+    client.set_model_version_tag(model_name, model_version, REASON_TAG, reason)
+    stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    line = f"{stamp} v{model_version} {decision}: {reason}"
+    description = client.get_registered_model(model_name).description or ""
+    client.update_registered_model(model_name, description=f"{description}{line}\n")
+
+
+def promote_if_better(
+    model_name: str,
+    version: str,
+    tracking_uri: str,
+    metric: str = "test_f1",
+    margin: float = 0.0,
+    require_tags: dict[str, str] | None = None,
+) -> PromotionDecision:
+    """Give ``version`` the ``champion`` alias if it passes the gate; record the decision.
+
+    The gate: every ``require_tags`` entry is on the candidate's run, and its
+    ``metric`` (higher is better) beats the champion's by more than ``margin``.
+    On promotion the old champion becomes ``previous`` (the rollback target).
+    """
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    candidate = _model_version(client, model_name, version)
+    candidate_metric = _run_metric(client, candidate.run_id, metric, "candidate")
+    champion_version = _aliases(client, model_name).get(CHAMPION)
+    champion_metric = None
+    if champion_version is not None:
+        champion = _model_version(client, model_name, champion_version)
+        champion_metric = _run_metric(client, champion.run_id, metric, "champion")
+
+    missing = _missing_tags(_get_run(client, candidate.run_id).data.tags, require_tags or {})
+    if champion_version == str(version):
+        promoted, reason = False, f"version {version} is already the champion"
+    elif missing:
+        promoted, reason = False, f"candidate run fails required tags: {', '.join(missing)}"
+    else:
+        promoted, reason = _judge(
+            candidate_metric, champion_version, champion_metric, metric, margin
+        )
+
+    if promoted:
+        if champion_version is not None:
+            client.set_registered_model_alias(model_name, PREVIOUS, champion_version)
+        client.set_registered_model_alias(model_name, CHAMPION, str(version))
+    _record_decision(
+        client, model_name, str(version), "promoted" if promoted else "refused", reason
+    )
+    return PromotionDecision(promoted, reason, candidate_metric, champion_version, champion_metric)
+
+
+def current_champion(
+    model_name: str, tracking_uri: str, metric: str = "test_f1"
+) -> tuple[str, float | None] | None:
+    """(version, its run's ``metric`` or None) of the champion; None when there is no champion."""
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    champion_version = _aliases(client, model_name).get(CHAMPION)
+    if champion_version is None:
+        return None
+    champion = _model_version(client, model_name, champion_version)
+    return champion_version, _get_run(client, champion.run_id).data.metrics.get(metric)
+
+
+def rollback(model_name: str, tracking_uri: str) -> str:
+    """Move ``champion`` back to the ``previous`` version and return that version.
+
+    ``previous`` is consumed, so a second rollback needs a new promotion first
+    (rolling back twice would otherwise bounce between two versions).
+    """
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    aliases = _aliases(client, model_name)
+    if PREVIOUS not in aliases or CHAMPION not in aliases:
+        raise RegistryError(
+            f"cannot roll back model {model_name!r}: it needs both a {CHAMPION!r} and a "
+            f"{PREVIOUS!r} alias (has {sorted(aliases) or 'none'}). Promote a version first, "
+            f"or set the alias by hand with MlflowClient.set_registered_model_alias."
+        )
+    demoted, restored = aliases[CHAMPION], aliases[PREVIOUS]
+    client.set_registered_model_alias(model_name, CHAMPION, restored)
+    client.delete_registered_model_alias(model_name, PREVIOUS)
+    _record_decision(
+        client, model_name, demoted, "rolled_back", f"champion returned to v{restored}"
+    )
+    return restored

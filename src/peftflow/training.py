@@ -1,0 +1,249 @@
+"""The training loop: seeded AdamW, warmup + decay, clipping, accumulation, per-epoch eval.
+
+Texts are tokenised once up front (no padding), and each batch is padded only
+to its own longest sequence, so no compute is spent on padding beyond the batch.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import resource
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from peftflow.config import ExperimentConfig, TrainConfig
+from peftflow.errors import TrainingError
+from peftflow.metrics import classification_metrics
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+@dataclass
+class EncodedSplit:
+    """Token ids per example (unpadded, truncated) and integer labels."""
+
+    input_ids: list[list[int]]
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(len(ids) for ids in self.input_ids)
+
+
+@dataclass
+class TrainOutcome:
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_epoch: int = 0
+    train_seconds: float = 0.0
+    examples_per_second: float = 0.0
+    tokens_per_second: float = 0.0
+    peak_memory_mb: float = 0.0
+    device: str = "cpu"
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise TrainingError(
+            "train.device is 'cuda' but no CUDA GPU is visible; use 'auto' or 'cpu'"
+        )
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def encode(tokenizer, texts: Sequence[str], labels: Sequence[int], max_length: int) -> EncodedSplit:
+    encoded = tokenizer(list(texts), truncation=True, max_length=max_length, padding=False)
+    return EncodedSplit([list(ids) for ids in encoded["input_ids"]], list(labels))
+
+
+def pad_batch(
+    sequences: Sequence[Sequence[int]], pad_id: int, side: str, pad_to: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad to the batch's longest (or ``pad_to``): input_ids, attention_mask [B, T]."""
+    width = pad_to or max(len(seq) for seq in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        span = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
+        input_ids[row, span] = torch.tensor(seq, dtype=torch.long)
+        mask[row, span] = 1
+    return input_ids, mask
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device):
+    """AdamW; no weight decay on biases and norms (1-D tensors)."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    if not decay and not no_decay:
+        raise TrainingError("the method left no trainable parameters; check method settings")
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, fused=device.type == "cuda")
+
+
+def make_scheduler(optimizer, cfg: TrainConfig, total_steps: int):
+    from transformers import get_scheduler
+
+    name = "constant_with_warmup" if cfg.scheduler == "constant" else cfg.scheduler
+    return get_scheduler(
+        name,
+        optimizer,
+        num_warmup_steps=math.ceil(cfg.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
+
+
+def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Shuffled batches of example indices, reproducible per (seed, epoch)."""
+    order = np.random.default_rng([seed, epoch]).permutation(n).tolist()
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on GPUs that support it; a no-op context on CPU."""
+    enabled = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+@torch.inference_mode()
+def predict_logits(
+    model: nn.Module, data: EncodedSplit, batch_size: int, pad_id: int, side: str
+) -> torch.Tensor:
+    """Logits [N, C] in input order; batches are length-sorted to minimise padding."""
+    model.eval()
+    device = next(model.parameters()).device
+    order = sorted(range(len(data)), key=lambda i: len(data.input_ids[i]))
+    chunks = []
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        ids, mask = pad_batch([data.input_ids[i] for i in idx], pad_id, side)
+        with autocast(device):
+            chunks.append(model(ids.to(device), mask.to(device)).float().cpu())
+    logits = torch.cat(chunks) if chunks else torch.empty(0)
+    restored = torch.empty_like(logits)
+    restored[torch.tensor(order, dtype=torch.long)] = logits
+    return restored
+
+
+def evaluate_split(
+    model: nn.Module, data: EncodedSplit, cfg: ExperimentConfig, pad_id: int, prefix: str
+) -> tuple[dict[str, float], list[int]]:
+    logits = predict_logits(model, data, cfg.train.eval_batch_size, pad_id, cfg.model.padding_side)
+    predictions = logits.argmax(dim=-1).tolist()
+    positive = cfg.data.labels.index(cfg.data.positive_label)
+    return classification_metrics(data.labels, predictions, positive, prefix=prefix), predictions
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA max allocated on GPU; the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def train_classifier(
+    model: nn.Module,
+    train: EncodedSplit,
+    val: EncodedSplit,
+    cfg: ExperimentConfig,
+    pad_id: int,
+    on_epoch: EpochCallback | None = None,
+) -> TrainOutcome:
+    """Train for ``cfg.train.epochs``, evaluating on ``val`` after every epoch."""
+    tc = cfg.train
+    if len(train) == 0:
+        raise TrainingError("the train split is empty; check data.split fractions and the data")
+    set_seed(cfg.seed)
+    device = pick_device(tc.device)
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    model.to(device)
+    steps_per_epoch = math.ceil(len(train) / (tc.batch_size * tc.grad_accum_steps))
+    optimizer = make_optimizer(model, tc, device)
+    scheduler = make_scheduler(optimizer, tc, steps_per_epoch * tc.epochs)
+    outcome = TrainOutcome(device=str(device))
+    best_f1, best_state = -1.0, None
+    started = time.perf_counter()
+    for epoch in range(1, tc.epochs + 1):
+        train_loss = _run_epoch(model, train, cfg, pad_id, optimizer, scheduler, device, epoch)
+        metrics, _ = evaluate_split(model, val, cfg, pad_id, prefix="val_")
+        metrics = {"epoch": float(epoch), "train_loss": train_loss, **metrics}
+        outcome.history.append(metrics)
+        if on_epoch:
+            on_epoch(epoch, metrics)
+        if metrics["val_f1"] > best_f1:
+            best_f1, outcome.best_epoch = metrics["val_f1"], epoch
+            best_state = _snapshot_trainable(model) if tc.restore_best_epoch else None
+    outcome.train_seconds = time.perf_counter() - started
+    if best_state is not None and outcome.best_epoch != tc.epochs:
+        model.load_state_dict(best_state, strict=False)
+    outcome.examples_per_second = len(train) * tc.epochs / outcome.train_seconds
+    outcome.tokens_per_second = train.n_tokens * tc.epochs / outcome.train_seconds
+    outcome.peak_memory_mb = peak_memory_mb(device)
+    return outcome
+
+
+def _run_epoch(model, train, cfg, pad_id, optimizer, scheduler, device, epoch) -> float:
+    """One pass over ``train``; returns the mean loss. Raises on a non-finite loss."""
+    tc = cfg.train
+    model.train()
+    batches = batch_order(len(train), tc.batch_size, cfg.seed, epoch)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    losses = []
+    bar = tqdm(batches, desc=f"epoch {epoch}/{tc.epochs}", disable=not tc.progress, leave=False)
+    for step, idx in enumerate(bar, start=1):
+        ids, mask = pad_batch([train.input_ids[i] for i in idx], pad_id, cfg.model.padding_side)
+        labels = torch.tensor([train.labels[i] for i in idx], device=device)
+        with autocast(device):
+            logits = model(ids.to(device), mask.to(device))
+        loss = nn.functional.cross_entropy(logits.float(), labels)
+        (loss / tc.grad_accum_steps).backward()
+        losses.append(loss.detach())
+        if step % tc.grad_accum_steps == 0 or step == len(batches):
+            _optimizer_step(trainable, optimizer, scheduler, tc.max_grad_norm)
+        if step % 20 == 0:  # one host sync every 20 steps, not every step
+            _check_finite(losses[-20:], epoch, step)
+            bar.set_postfix(loss=f"{torch.stack(losses[-20:]).mean().item():.4f}")
+    _check_finite(losses, epoch, len(batches))
+    return torch.stack(losses).mean().item()
+
+
+def _optimizer_step(trainable, optimizer, scheduler, max_grad_norm) -> None:
+    if max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _check_finite(losses: list[torch.Tensor], epoch: int, step: int) -> None:
+    if not torch.isfinite(torch.stack(losses)).all():
+        raise TrainingError(
+            f"non-finite loss in epoch {epoch} by step {step}; lower train.lr, enable "
+            "train.max_grad_norm, or use float32 (model.dtype)"
+        )
+
+
+def _snapshot_trainable(model: nn.Module) -> dict[str, torch.Tensor]:
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k in trainable}

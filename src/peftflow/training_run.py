@@ -1,0 +1,107 @@
+"""One fine-tuning run: build, train, evaluate, save, verify the reload, log everything."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from peftflow.config import ExperimentConfig
+from peftflow.errors import RegistryError
+from peftflow.metrics import confusion, plot_confusion
+from peftflow.model_io import build_for_training, load_classifier, save_classifier
+from peftflow.modeling import count_parameters
+from peftflow.training import EncodedSplit, encode, evaluate_split, predict_logits, train_classifier
+
+RELOAD_CHECK_EXAMPLES = 32
+RELOAD_ATOL = 1e-4
+
+
+def encode_splits(cfg: ExperimentConfig, tokenizer, splits: dict[str, pd.DataFrame]):
+    label_ids = {name: i for i, name in enumerate(cfg.data.labels)}
+    return {
+        name: encode(
+            tokenizer,
+            frame["text"].tolist(),
+            [label_ids[label] for label in frame["label"]],
+            cfg.model.max_length,
+        )
+        for name, frame in splits.items()
+    }
+
+
+def run_training(
+    cfg: ExperimentConfig, splits: dict[str, pd.DataFrame], tracker, out_dir: Path
+) -> dict:
+    """Everything between 'data is checked' and 'model folder verified', logged to ``tracker``."""
+    model, tokenizer, base = build_for_training(cfg)
+    trainable, total = count_parameters(model)
+    tracker.set_tags(
+        {"peftflow.base_fingerprint": base.fingerprint, "peftflow.base_source": base.source}
+    )
+    tracker.log_params({"base.location": base.location, "base.package": base.package_version or ""})
+    encoded = encode_splits(cfg, tokenizer, splits)
+    pad_id = tokenizer.pad_token_id
+
+    def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+
+    outcome = train_classifier(model, encoded["train"], encoded["val"], cfg, pad_id, log_epoch)
+    tracker.set_tags({"peftflow.device": outcome.device})
+    final = _final_metrics(model, encoded, cfg, pad_id, out_dir, tracker)
+    final.update(
+        {
+            "trainable_params": float(trainable),
+            "total_params": float(total),
+            "trainable_percent": 100.0 * trainable / total,
+            "train_seconds": outcome.train_seconds,
+            "train_examples_per_second": outcome.examples_per_second,
+            "train_tokens_per_second": outcome.tokens_per_second,
+            "peak_memory_mb": outcome.peak_memory_mb,
+            "best_epoch": float(outcome.best_epoch),
+        }
+    )
+    tracker.log_metrics(final)
+    tracker.log_dict({"history": outcome.history}, "history.json")
+    model_dir = save_classifier(model, tokenizer, cfg, base, out_dir / "model")
+    verify_reload(model, encoded["test"], model_dir, pad_id, cfg)
+    tracker.set_tags({"peftflow.reload_check": "passed"})
+    tracker.log_artifact(model_dir, "model_folder")
+    return {"metrics": final, "model_dir": str(model_dir), "history": outcome.history}
+
+
+def _final_metrics(model, encoded, cfg, pad_id, out_dir: Path, tracker) -> dict[str, float]:
+    """Val + test metrics of the final (best-epoch) weights, and test/val confusion PNGs."""
+    metrics: dict[str, float] = {}
+    for split in ("val", "test"):
+        values, predictions = evaluate_split(model, encoded[split], cfg, pad_id, prefix=f"{split}_")
+        metrics.update(values)
+        matrix = confusion(encoded[split].labels, predictions, len(cfg.data.labels))
+        png = plot_confusion(
+            matrix, cfg.data.labels, f"{cfg.name} ({split})", out_dir / f"confusion_{split}.png"
+        )
+        tracker.log_artifact(png, "plots")
+        tracker.log_dict(
+            {"labels": list(cfg.data.labels), "matrix": matrix}, f"confusion_{split}.json"
+        )
+    return metrics
+
+
+def verify_reload(
+    model, data: EncodedSplit, model_dir: Path, pad_id: int, cfg: ExperimentConfig
+) -> None:
+    """Reload the saved folder from scratch and require identical logits on test examples."""
+    sample = EncodedSplit(
+        data.input_ids[:RELOAD_CHECK_EXAMPLES], data.labels[:RELOAD_CHECK_EXAMPLES]
+    )
+    side = cfg.model.padding_side
+    expected = predict_logits(model, sample, cfg.train.eval_batch_size, pad_id, side)
+    reloaded = load_classifier(model_dir, device=str(next(model.parameters()).device))
+    actual = predict_logits(reloaded.model, sample, cfg.train.eval_batch_size, pad_id, side)
+    if not torch.allclose(expected, actual, atol=RELOAD_ATOL):
+        worst = (expected - actual).abs().max().item()
+        raise RegistryError(
+            f"saved model {model_dir} reloads with different logits (max diff {worst:.2e}); "
+            "it will not be registered"
+        )

@@ -1,0 +1,1 @@
+"""Prefect tasks: thin wrappers over :mod:`peftflow.pipeline` adding retries and timeouts."""

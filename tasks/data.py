@@ -1,0 +1,37 @@
+"""Data stages: ingestion (retried: it fetches), checks and the split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+
+from peftflow import pipeline
+from peftflow.config import ExperimentConfig
+
+
+@task(name="ingest", retries=2, retry_delay_seconds=10)
+def ingest(cfg: ExperimentConfig, root: Path, remote_url: str | None = None) -> dict:
+    return pipeline.ingest_stage(cfg, root, remote_url)
+
+
+@task(name="validate-raw-data")
+def validate_raw(cfg: ExperimentConfig, table_path: str, report_dir: Path) -> dict:
+    return pipeline.validate_raw_stage(cfg, table_path, report_dir)
+
+
+@task(name="split")
+def split(cfg: ExperimentConfig, table_path: str, data_md5: str, root: Path) -> dict:
+    return pipeline.split_stage(cfg, table_path, data_md5, root)
+
+
+@task(name="validate-splits")
+def validate_splits(split_paths: dict[str, str], report_dir: Path) -> dict:
+    return pipeline.validate_splits_stage(split_paths, report_dir)
+
+
+@task(name="check-tokenisation")
+def check_tokenisation(
+    cfg: ExperimentConfig, split_paths: dict[str, str], report_dir: Path
+) -> dict:
+    return pipeline.tokenisation_stage(cfg, split_paths, report_dir)

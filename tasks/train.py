@@ -1,0 +1,40 @@
+"""Training stages. Results are paths and metrics, never torch objects."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+
+from peftflow import pipeline
+from peftflow.config import ExperimentConfig
+
+TRAIN_TIMEOUT_SECONDS = 6 * 3600
+
+
+@task(name="find-cached-run")
+def find_cached_run(cfg: ExperimentConfig, data_md5: str, root: Path) -> str | None:
+    return pipeline.cached_run(cfg, data_md5, root)
+
+
+@task(name="cached-run-summary")
+def cached_run_summary(cfg: ExperimentConfig, run_id: str, root: Path) -> dict:
+    return pipeline.run_summary(cfg, run_id, root)
+
+
+@task(name="train-and-evaluate", timeout_seconds=TRAIN_TIMEOUT_SECONDS)
+def train_and_evaluate(
+    cfg: ExperimentConfig,
+    split_paths: dict[str, str],
+    data_md5: str,
+    report_paths: list[str],
+    root: Path,
+) -> dict:
+    return pipeline.train_stage(cfg, split_paths, data_md5, report_paths, root)
+
+
+@task(name="tfidf-baseline")
+def tfidf_baseline(
+    cfg: ExperimentConfig, split_paths: dict[str, str], data_md5: str, root: Path
+) -> dict:
+    return pipeline.baseline_stage(cfg, split_paths, data_md5, root)

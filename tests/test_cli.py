@@ -1,0 +1,49 @@
+"""The command line: help on every command, method listing, config validation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from peftflow.cli import app
+from peftflow.methods import METHODS
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("command", ["run", "demo", "ingest", "methods", "config"])
+def test_every_command_has_help(command):
+    result = runner.invoke(app, [command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
+
+
+def test_methods_json_lists_the_registry():
+    result = runner.invoke(app, ["methods", "--json"])
+    assert result.exit_code == 0
+    listing = json.loads(result.output)
+    assert [entry["name"] for entry in listing] == list(METHODS)
+
+
+def test_config_prints_defaults_and_hash():
+    result = runner.invoke(
+        app, ["config", "configs/experiments/demo.yaml", "--set", "train.epochs=5"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "epochs: 5" in result.output and "# config hash:" in result.output
+
+
+def test_bad_config_exits_2_with_the_field(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nmethod: {name: nope}\n")
+    result = runner.invoke(app, ["config", str(bad)])
+    assert result.exit_code == 2
+    assert "unknown method 'nope'; valid methods:" in result.output
+
+
+def test_malformed_override_is_rejected():
+    result = runner.invoke(app, ["config", "configs/experiments/demo.yaml", "--set", "epochs"])
+    assert result.exit_code != 0
+    assert "KEY=VALUE" in result.output

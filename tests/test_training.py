@@ -1,0 +1,57 @@
+"""The training loop: seeded determinism, non-finite loss, best-epoch restore."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peftflow.errors import TrainingError
+from peftflow.model_io import build_for_training
+from peftflow.training import batch_order, train_classifier
+from tests.test_methods import encoded_table, tiny_config
+
+
+def train_once(model_dir, **train_fields):
+    cfg = tiny_config(model_dir, "full")
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update=train_fields)})
+    model, tokenizer, _ = build_for_training(cfg)
+    data = encoded_table(cfg, tokenizer)
+    return train_classifier(model, data, data, cfg, tokenizer.pad_token_id), model
+
+
+def test_same_seed_gives_same_metrics(tiny_models):
+    first, _ = train_once(tiny_models["llama"], epochs=2)
+    second, _ = train_once(tiny_models["llama"], epochs=2)
+    assert first.history == second.history
+    assert len(first.history) == 2 and "val_f1" in first.history[0]
+
+
+def test_batch_order_is_seeded_per_epoch():
+    assert batch_order(10, 4, seed=1, epoch=1) == batch_order(10, 4, seed=1, epoch=1)
+    assert batch_order(10, 4, seed=1, epoch=1) != batch_order(10, 4, seed=1, epoch=2)
+    assert sorted(i for batch in batch_order(10, 4, 1, 1) for i in batch) == list(range(10))
+
+
+def test_non_finite_loss_stops_training(tiny_models):
+    cfg = tiny_config(tiny_models["bert"], "full")
+    model, tokenizer, _ = build_for_training(cfg)
+    with torch.no_grad():
+        model.head.bias.fill_(float("nan"))  # every logit, hence every loss, becomes NaN
+    data = encoded_table(cfg, tokenizer)
+    with pytest.raises(TrainingError, match="non-finite loss in epoch 1"):
+        train_classifier(model, data, data, cfg, tokenizer.pad_token_id)
+
+
+def test_gradient_accumulation_and_metrics_reported(tiny_models):
+    outcome, model = train_once(tiny_models["gpt2"], grad_accum_steps=2, epochs=2)
+    assert outcome.best_epoch in (1, 2)
+    assert outcome.examples_per_second > 0 and outcome.tokens_per_second > 0
+    assert outcome.peak_memory_mb > 0 and outcome.device == "cpu"
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_cuda_request_without_gpu_is_refused(tiny_models):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(TrainingError, match="no CUDA GPU is visible"):
+        train_once(tiny_models["bert"], device="cuda")
