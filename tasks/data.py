@@ -2,12 +2,35 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import wraps
 from pathlib import Path
 
 from prefect import task
+from prefect.artifacts import create_markdown_artifact
 
 from peftflow import pipeline
 from peftflow.config import ExperimentConfig
+from peftflow.errors import DataCheckError
+
+
+def publish_failed_report(stage: Callable[..., dict]) -> Callable[..., dict]:
+    """Show a failed suite's report in the Prefect UI (it is also on disk), then re-raise."""
+
+    @wraps(stage)
+    def wrapper(*args, **kwargs) -> dict:
+        try:
+            return stage(*args, **kwargs)
+        except DataCheckError as err:
+            suite = err.report.get("suite", "data-checks")
+            create_markdown_artifact(
+                key=f"failed-{suite}".replace("_", "-"),
+                markdown=f"# {suite} failed\n\n```\n{err}\n```",
+                description=f"Great Expectations suite {suite} failed",
+            )
+            raise
+
+    return wrapper
 
 
 @task(name="ingest", retries=2, retry_delay_seconds=10)
@@ -16,6 +39,7 @@ def ingest(cfg: ExperimentConfig, root: Path, remote_url: str | None = None) -> 
 
 
 @task(name="validate-raw-data")
+@publish_failed_report
 def validate_raw(cfg: ExperimentConfig, table_path: str, report_dir: Path) -> dict:
     return pipeline.validate_raw_stage(cfg, table_path, report_dir)
 
@@ -26,6 +50,7 @@ def split(cfg: ExperimentConfig, table_path: str, data_md5: str, root: Path) -> 
 
 
 @task(name="validate-splits")
+@publish_failed_report
 def validate_splits(split_paths: dict[str, str], report_dir: Path) -> dict:
     return pipeline.validate_splits_stage(split_paths, report_dir)
 

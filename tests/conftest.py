@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import random
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -120,6 +121,18 @@ def spam_table() -> pd.DataFrame:
     return synthetic_spam_table()
 
 
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory) -> Path:
+    """An initialised MLflow sqlite file: creating the schema costs seconds, copying it does not."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
 @pytest.fixture
-def tracking_uri(tmp_path) -> str:
+def tracking_uri(empty_store: Path, tmp_path: Path) -> str:
+    """A fresh, isolated MLflow store per test (never the repo's mlflow.db)."""
+    shutil.copy(empty_store, tmp_path / "mlflow.db")
     return f"sqlite:///{tmp_path / 'mlflow.db'}"

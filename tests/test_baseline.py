@@ -76,8 +76,11 @@ def test_baseline_learns_a_separable_rule(splits):
 def test_baseline_is_deterministic(splits):
     first = train_tfidf_baseline(splits, LABELS, "spam", seed=3)
     second = train_tfidf_baseline(splits, LABELS, "spam", seed=3)
-    drop_time = lambda metrics: {k: v for k, v in metrics.items() if k != "train_seconds"}
-    assert drop_time(first.metrics) == drop_time(second.metrics)
+
+    def without_time(metrics: dict) -> dict:
+        return {k: v for k, v in metrics.items() if k != "train_seconds"}
+
+    assert without_time(first.metrics) == without_time(second.metrics)
     np.testing.assert_array_equal(
         first.pipeline.named_steps["classifier"].coef_,
         second.pipeline.named_steps["classifier"].coef_,

@@ -69,12 +69,12 @@ def test_flow_trains_registers_promotes_and_caches(prefect_server, tiny_models, 
     uri = f"sqlite:///{root / 'mlflow.db'}"
     client = MlflowClient(uri)
     champion = client.get_model_version_by_alias("tiny-spam", "champion")
-    assert champion.version == first["registered"]["version"]
+    assert str(champion.version) == first["registered"]["version"]
     run = client.get_run(first["finetune"]["run_id"])
     assert run.data.tags["peftflow.run_key"] == first["run_key"]
     assert run.data.tags["peftflow.reload_check"] == "passed"
     assert run.data.params["method.name"] == "lora"
-    assert len(client.get_metric_history(run.info.run_id, "val_f1")) == 3
+    assert len(client.get_metric_history(run.info.run_id, "epoch/val_f1")) == 3
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"data_checks", "plots", "model_folder"} <= artifacts
 
@@ -107,8 +107,13 @@ def test_failed_data_check_stops_before_training(prefect_server, tiny_models, tm
     with pytest.raises(DataCheckError) as err:
         finetune(config_path=str(config), root=str(root))
     assert "text" in str(err.value)
-    reports = list((root / "outputs" / "reports").rglob("*.md"))
-    assert reports, "the failed suite's report must be kept"
+    reports = list((root / "outputs" / "reports").rglob("raw_data.md"))
+    assert reports and "failed" in reports[0].read_text(), "the failed suite's report is kept"
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as prefect_client:
+        artifact_keys = {artifact.key for artifact in prefect_client.read_artifacts()}
+    assert "failed-raw-data" in artifact_keys
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     assert client.search_registered_models() == []
     runs = client.search_runs(

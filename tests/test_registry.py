@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import mlflow
@@ -34,20 +33,6 @@ class KeywordModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> list[str]:
         return ["spam" if self.keyword in text else "ham" for text in model_input["text"]]
-
-
-@pytest.fixture(scope="module")
-def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An initialised MLflow sqlite file: creating the schema costs seconds, copying it does not."""
-    path = tmp_path_factory.mktemp("template") / "mlflow.db"
-    MlflowClient(f"sqlite:///{path}").search_experiments()
-    return path
-
-
-@pytest.fixture
-def tracking_uri(empty_store: Path, tmp_path: Path) -> str:
-    shutil.copy(empty_store, tmp_path / "mlflow.db")
-    return f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
 @pytest.fixture
@@ -195,7 +180,7 @@ def test_default_requirements_pin_exact_public_versions():
 
 
 def log_keyword_model(tracking_uri: str, root: Path, keyword: str, test_f1: float):
-    """Train-and-log stand-in: a run with ``test_f1`` whose model flags texts containing ``keyword``."""
+    """Stand-in for train-and-log: a run with ``test_f1``; its model flags ``keyword`` texts."""
     model_dir = root / f"model_{keyword}"
     model_dir.mkdir()
     (model_dir / "keyword.txt").write_text(keyword)

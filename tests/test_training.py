@@ -7,7 +7,7 @@ import torch
 
 from peftflow.errors import TrainingError
 from peftflow.model_io import build_for_training
-from peftflow.training import batch_order, train_classifier
+from peftflow.training import batch_order, predict_logits, train_classifier
 from tests.test_methods import encoded_table, tiny_config
 
 
@@ -26,10 +26,26 @@ def test_same_seed_gives_same_metrics(tiny_models):
     assert len(first.history) == 2 and "val_f1" in first.history[0]
 
 
-def test_batch_order_is_seeded_per_epoch():
-    assert batch_order(10, 4, seed=1, epoch=1) == batch_order(10, 4, seed=1, epoch=1)
-    assert batch_order(10, 4, seed=1, epoch=1) != batch_order(10, 4, seed=1, epoch=2)
-    assert sorted(i for batch in batch_order(10, 4, 1, 1) for i in batch) == list(range(10))
+@pytest.mark.parametrize("grouped", [False, True])
+def test_batch_order_is_seeded_per_epoch_and_covers_every_example(grouped):
+    lengths = list(range(1, 401))
+    first = batch_order(lengths, 4, seed=1, epoch=1, group_by_length=grouped)
+    assert first == batch_order(lengths, 4, seed=1, epoch=1, group_by_length=grouped)
+    assert first != batch_order(lengths, 4, seed=1, epoch=2, group_by_length=grouped)
+    assert sorted(i for batch in first for i in batch) == list(range(400))
+
+
+def test_grouping_by_length_cuts_padding():
+    lengths = [
+        int(x) for x in torch.randint(5, 200, (1000,), generator=torch.Generator().manual_seed(0))
+    ]
+
+    def padded_tokens(batches):
+        return sum(len(b) * max(lengths[i] for i in b) for b in batches)
+
+    random_order = padded_tokens(batch_order(lengths, 16, 0, 1, group_by_length=False))
+    grouped = padded_tokens(batch_order(lengths, 16, 0, 1, group_by_length=True))
+    assert grouped < 0.7 * random_order
 
 
 def test_non_finite_loss_stops_training(tiny_models):
@@ -55,3 +71,12 @@ def test_cuda_request_without_gpu_is_refused(tiny_models):
         pytest.skip("a GPU is present")
     with pytest.raises(TrainingError, match="no CUDA GPU is visible"):
         train_once(tiny_models["bert"], device="cuda")
+
+
+def test_bf16_autocast_trains_and_predicts_in_float32(tiny_models):
+    outcome, model = train_once(tiny_models["llama"], precision="bf16")
+    assert all(torch.isfinite(torch.tensor(h["train_loss"])) for h in outcome.history)
+    cfg = tiny_config(tiny_models["llama"], "full")
+    data = encoded_table(cfg, build_for_training(cfg)[1], n=8)
+    logits = predict_logits(model, data, 8, pad_id=0, side="right", precision="bf16")
+    assert logits.dtype == torch.float32 and logits.shape == (8, 2)

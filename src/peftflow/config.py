@@ -114,7 +114,12 @@ class TrainConfig(_Frozen):
     scheduler: Literal["linear", "cosine", "constant"] = "linear"
     max_grad_norm: float | None = Field(1.0, gt=0.0)
     eval_batch_size: int = Field(64, ge=1)
+    # Batch examples of similar length together (less padding, same data per epoch).
+    group_by_length: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # auto: bf16 autocast on GPUs that support it, fp32 elsewhere. bf16 on a CPU
+    # with AVX512-BF16/AMX is ~1.5x faster than fp32 (see README, measured).
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     threads: int | None = Field(None, ge=1)
     progress: bool = True
     # Keep the weights of the epoch with the best validation F1 (not the last).

@@ -215,7 +215,7 @@ def baseline_stage(
 
 def register_stage(cfg: ExperimentConfig, run_id: str, model_dir: str, root: Path) -> dict:
     """Log the pyfunc model into the run and register a new version."""
-    from peftflow.pyfunc import PeftflowClassifier
+    from peftflow import pyfunc_entry_path
     from peftflow.registry import log_and_register_model
 
     example = pd.DataFrame({"text": ["Subject: meeting\n\nSee you at 10 tomorrow."]})
@@ -224,7 +224,7 @@ def register_stage(cfg: ExperimentConfig, run_id: str, model_dir: str, root: Pat
         Path(model_dir),
         cfg.tracking.model_name,
         tracking_uri(cfg, root),
-        python_model=PeftflowClassifier(),
+        python_model=pyfunc_entry_path(),
         input_example=example,
     )
     return {"name": info.name, "version": str(info.version)}

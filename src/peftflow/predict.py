@@ -18,7 +18,12 @@ def predict_texts(
     config = loaded.config
     encoded = encode(loaded.tokenizer, texts, [0] * len(texts), config.model.max_length)
     logits = predict_logits(
-        loaded.model, encoded, batch_size, loaded.tokenizer.pad_token_id, config.model.padding_side
+        loaded.model,
+        encoded,
+        batch_size,
+        loaded.tokenizer.pad_token_id,
+        config.model.padding_side,
+        config.train.precision,
     )
     probs = torch.softmax(logits, dim=-1) if len(texts) else torch.empty(0, len(loaded.labels))
     best = probs.argmax(dim=-1).tolist() if len(texts) else []

@@ -1,4 +1,4 @@
-"""Model registry: log a pyfunc model, register it, and promote it to ``champion`` only when it earns it.
+"""Model registry: log a pyfunc model, register it, promote it to ``champion`` only when earned.
 
 Promotion is a gate, not a side effect of training: a candidate must carry the
 required check tags on its run and beat the current champion's metric by a
@@ -71,7 +71,7 @@ def log_and_register_model(
     model_dir: Path,
     model_name: str,
     tracking_uri: str,
-    python_model: mlflow.pyfunc.PythonModel,
+    python_model: mlflow.pyfunc.PythonModel | str | Path,
     input_example: Any,
     signature: Any = None,
     pip_requirements: list[str] | None = None,
@@ -192,7 +192,7 @@ def _judge(
 def _record_decision(
     client: MlflowClient, model_name: str, model_version: str, decision: str, reason: str
 ) -> None:
-    """Write the decision on the version's tags and as a timestamped line of the model description."""
+    """Write the decision on the version's tags and as a timestamped line of the description."""
     client.set_model_version_tag(model_name, model_version, DECISION_TAG, decision)
     client.set_model_version_tag(model_name, model_version, REASON_TAG, reason)
     stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -112,7 +112,7 @@ def standard_tags(run_key: str, data_md5: str, config_hash: str, root: Path) -> 
 
 
 def find_finished_run(tracking_uri: str, experiment_name: str, run_key: str) -> str | None:
-    """Newest FINISHED run tagged with ``run_key``; the cache that lets identical runs be skipped."""
+    """Newest FINISHED run tagged with ``run_key``: the cache that lets identical runs skip."""
     if "'" in run_key or "`" in run_key:
         raise PeftflowError(
             f"run key {run_key!r} contains a quote, which MLflow filters cannot match; "
@@ -199,7 +199,7 @@ class RunTracker:
             self.client.log_batch(run_id, params=chunk)
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
-        """All ``metrics`` at ``step`` in one ``log_batch`` call (one round trip, not one per key)."""
+        """All ``metrics`` at ``step`` in one ``log_batch`` call (one round trip, not one a key)."""
         run_id = self._require_open_run()
         timestamp = int(time.time() * 1000)
         entries = [

@@ -113,21 +113,47 @@ def make_scheduler(optimizer, cfg: TrainConfig, total_steps: int):
     )
 
 
-def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """Shuffled batches of example indices, reproducible per (seed, epoch)."""
-    order = np.random.default_rng([seed, epoch]).permutation(n).tolist()
-    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+def batch_order(
+    lengths: Sequence[int], batch_size: int, seed: int, epoch: int, group_by_length: bool
+) -> list[list[int]]:
+    """Shuffled batches of example indices, reproducible per (seed, epoch).
+
+    With ``group_by_length``, each "megabatch" of 50 batches is sorted by length
+    before being cut, so a batch holds similar lengths and little padding; the
+    batches are then shuffled so lengths still vary from step to step.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths)).tolist()
+    if group_by_length:
+        mega = batch_size * 50
+        order = [
+            i
+            for start in range(0, len(order), mega)
+            for i in sorted(order[start : start + mega], key=lambda j: -lengths[j])
+        ]
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if group_by_length:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on GPUs that support it; a no-op context on CPU."""
-    enabled = device.type == "cuda" and torch.cuda.is_bf16_supported()
+def autocast(device: torch.device, precision: str = "auto"):
+    """bf16 autocast when asked for, or on "auto" with a bf16-capable GPU; else a no-op."""
+    if precision == "auto":
+        enabled = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    else:
+        enabled = precision == "bf16"
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 @torch.inference_mode()
 def predict_logits(
-    model: nn.Module, data: EncodedSplit, batch_size: int, pad_id: int, side: str
+    model: nn.Module,
+    data: EncodedSplit,
+    batch_size: int,
+    pad_id: int,
+    side: str,
+    precision: str = "auto",
 ) -> torch.Tensor:
     """Logits [N, C] in input order; batches are length-sorted to minimise padding."""
     model.eval()
@@ -137,7 +163,7 @@ def predict_logits(
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         ids, mask = pad_batch([data.input_ids[i] for i in idx], pad_id, side)
-        with autocast(device):
+        with autocast(device, precision):
             chunks.append(model(ids.to(device), mask.to(device)).float().cpu())
     logits = torch.cat(chunks) if chunks else torch.empty(0)
     restored = torch.empty_like(logits)
@@ -148,7 +174,9 @@ def predict_logits(
 def evaluate_split(
     model: nn.Module, data: EncodedSplit, cfg: ExperimentConfig, pad_id: int, prefix: str
 ) -> tuple[dict[str, float], list[int]]:
-    logits = predict_logits(model, data, cfg.train.eval_batch_size, pad_id, cfg.model.padding_side)
+    logits = predict_logits(
+        model, data, cfg.train.eval_batch_size, pad_id, cfg.model.padding_side, cfg.train.precision
+    )
     predictions = logits.argmax(dim=-1).tolist()
     positive = cfg.data.labels.index(cfg.data.positive_label)
     return classification_metrics(data.labels, predictions, positive, prefix=prefix), predictions
@@ -207,14 +235,15 @@ def _run_epoch(model, train, cfg, pad_id, optimizer, scheduler, device, epoch) -
     """One pass over ``train``; returns the mean loss. Raises on a non-finite loss."""
     tc = cfg.train
     model.train()
-    batches = batch_order(len(train), tc.batch_size, cfg.seed, epoch)
+    lengths = [len(ids) for ids in train.input_ids]
+    batches = batch_order(lengths, tc.batch_size, cfg.seed, epoch, tc.group_by_length)
     trainable = [p for p in model.parameters() if p.requires_grad]
     losses = []
     bar = tqdm(batches, desc=f"epoch {epoch}/{tc.epochs}", disable=not tc.progress, leave=False)
     for step, idx in enumerate(bar, start=1):
         ids, mask = pad_batch([train.input_ids[i] for i in idx], pad_id, cfg.model.padding_side)
         labels = torch.tensor([train.labels[i] for i in idx], device=device)
-        with autocast(device):
+        with autocast(device, tc.precision):
             logits = model(ids.to(device), mask.to(device))
         loss = nn.functional.cross_entropy(logits.float(), labels)
         (loss / tc.grad_accum_steps).backward()

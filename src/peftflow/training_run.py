@@ -45,7 +45,9 @@ def run_training(
     pad_id = tokenizer.pad_token_id
 
     def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
-        tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+        # Curves live under epoch/...; the un-prefixed names hold the final (best-epoch) values.
+        curves = {f"epoch/{k}": v for k, v in metrics.items() if k != "epoch"}
+        tracker.log_metrics(curves, step=epoch)
 
     outcome = train_classifier(model, encoded["train"], encoded["val"], cfg, pad_id, log_epoch)
     tracker.set_tags({"peftflow.device": outcome.device})
@@ -95,10 +97,10 @@ def verify_reload(
     sample = EncodedSplit(
         data.input_ids[:RELOAD_CHECK_EXAMPLES], data.labels[:RELOAD_CHECK_EXAMPLES]
     )
-    side = cfg.model.padding_side
-    expected = predict_logits(model, sample, cfg.train.eval_batch_size, pad_id, side)
+    args = (cfg.train.eval_batch_size, pad_id, cfg.model.padding_side, cfg.train.precision)
+    expected = predict_logits(model, sample, *args)
     reloaded = load_classifier(model_dir, device=str(next(model.parameters()).device))
-    actual = predict_logits(reloaded.model, sample, cfg.train.eval_batch_size, pad_id, side)
+    actual = predict_logits(reloaded.model, sample, *args)
     if not torch.allclose(expected, actual, atol=RELOAD_ATOL):
         worst = (expected - actual).abs().max().item()
         raise RegistryError(
