@@ -70,10 +70,18 @@ class ModelConfig(_Frozen):
     name: str = "minilm"
     revision: str | None = None
     max_length: int = Field(128, ge=8)
-    padding: Literal["longest", "max_length"] = "longest"
+    # longest: pad each batch to its longest example; max_length: pad every batch
+    # to model.max_length; train_longest: pad to the longest training example;
+    # none: no padding at all (batch size 1, gradients accumulated to batch_size).
+    padding: Literal["longest", "max_length", "train_longest", "none"] = "longest"
     padding_side: Literal["right", "left"] = "right"
     # auto: mean for encoders, last real token for decoders.
     pooling: Literal["auto", "last", "first", "mean"] = "auto"
+    # Decoders only: False fine-tunes with bidirectional attention (no causal mask).
+    causal_mask: bool = True
+    # False: same architecture, randomly initialised weights (the "is pretraining
+    # worth it?" control).
+    pretrained: bool = True
     dtype: Literal["float32", "bfloat16"] = "float32"
     # Tokenisation check bound: the share of texts longer than max_length that
     # may be truncated. Long inputs (emails) often carry their signal early.
@@ -88,10 +96,46 @@ class LoraConfig(_Frozen):
     target_modules: tuple[str, ...] | None = None
 
 
+class AdaLoraSettings(_Frozen):
+    init_r: int = Field(12, ge=1)
+    target_r: int = Field(4, ge=1)
+    # Fractions of the total optimizer steps: rank pruning starts after tinit and
+    # ends tfinal before the end; ranks are re-allocated every delta_t steps.
+    tinit_ratio: float = Field(0.1, ge=0.0, lt=1.0)
+    tfinal_ratio: float = Field(0.2, ge=0.0, lt=1.0)
+    delta_t: int = Field(10, ge=1)
+
+
+class PromptSettings(_Frozen):
+    """Prefix tuning, prompt tuning and P-tuning."""
+
+    num_virtual_tokens: int = Field(20, ge=1)
+    # prompt tuning only: random init, or init from the embeddings of init_text.
+    init: Literal["random", "text"] = "random"
+    init_text: str = "Classify whether this email is spam or ham:"
+    # P-tuning's prompt encoder / prefix tuning's projection width.
+    encoder_hidden_size: int = Field(128, ge=1)
+
+
+class AdapterSettings(_Frozen):
+    """Bottleneck (serial) and parallel adapters (Houlsby 2019, Pfeiffer 2020, He 2021)."""
+
+    bottleneck: int = Field(64, ge=1)
+    # houlsby: after attention and after the MLP; pfeiffer: after the MLP only.
+    placement: Literal["houlsby", "pfeiffer"] = "pfeiffer"
+    # Parallel adapters: output scale added to the MLP output.
+    scaling: float = Field(4.0, gt=0.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+
 class MethodConfig(_Frozen):
     name: str = "lora"
     n_blocks: int = Field(1, ge=1)
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    adalora: AdaLoraSettings = Field(default_factory=AdaLoraSettings)
+    prompt: PromptSettings = Field(default_factory=PromptSettings)
+    adapter: AdapterSettings = Field(default_factory=AdapterSettings)
+    vera_r: int = Field(256, ge=1)
 
     @model_validator(mode="after")
     def _known(self) -> MethodConfig:
