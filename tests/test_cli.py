@@ -47,3 +47,37 @@ def test_malformed_override_is_rejected():
     result = runner.invoke(app, ["config", "configs/experiments/demo.yaml", "--set", "epochs"])
     assert result.exit_code != 0
     assert "KEY=VALUE" in result.output
+
+
+def test_ingest_versions_a_user_table_with_dvc(tmp_path, spam_table):
+    import subprocess
+
+    import yaml
+
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    spam_table[["text", "label"]].to_csv(tmp_path / "messages.csv", index=False)
+    config = tmp_path / "exp.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "name": "cli-ingest",
+                "data": {"source": "table", "path": str(tmp_path / "messages.csv")},
+            }
+        )
+    )
+    result = runner.invoke(app, ["ingest", "--config", str(config), "--root", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["n_rows"] == len(spam_table)
+    assert summary["label_counts"] == spam_table["label"].value_counts().to_dict()
+    assert summary["data_md5"] in (tmp_path / "data.dvc").read_text()
+    assert (tmp_path / ".dvc-storage").is_dir()  # pushed to the default local remote
+
+
+def test_ingest_of_a_missing_file_exits_2_and_writes_nothing(tmp_path):
+    config = tmp_path / "exp.yaml"
+    config.write_text(f"name: x\ndata: {{source: table, path: {tmp_path / 'nope.csv'}}}\n")
+    result = runner.invoke(app, ["ingest", "--config", str(config), "--root", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "nope.csv" in result.output
+    assert not (tmp_path / "data.dvc").exists() and not (tmp_path / "data").exists()

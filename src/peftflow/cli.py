@@ -7,7 +7,9 @@ start in a second).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 from pathlib import Path
 
 import typer
@@ -121,7 +123,9 @@ def ingest(
     from peftflow.pipeline import ingest_stage
 
     try:
-        result = ingest_stage(load_config(config), root.resolve(), remote)
+        # DVC prints git hints on stdout; keep stdout for the JSON result only.
+        with contextlib.redirect_stdout(sys.stderr):
+            result = ingest_stage(load_config(config), root.resolve(), remote)
     except PeftflowError as err:
         _fail(err)
     typer.echo(json.dumps(result, indent=2, default=str))
