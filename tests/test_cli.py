@@ -81,3 +81,15 @@ def test_ingest_of_a_missing_file_exits_2_and_writes_nothing(tmp_path):
     assert result.exit_code == 2
     assert "nope.csv" in result.output
     assert not (tmp_path / "data.dvc").exists() and not (tmp_path / "data").exists()
+
+
+def test_readme_methods_table_is_generated_from_the_registry():
+    from pathlib import Path
+
+    from peftflow.methods import methods_markdown
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start, end = "<!-- methods:start -->\n", "\n<!-- methods:end -->"
+    assert start in readme and end in readme, "README lost its generated methods table markers"
+    table = readme.split(start, 1)[1].split(end, 1)[0]
+    assert table == methods_markdown(), "run `peftflow methods --markdown` and paste it into README"

@@ -53,7 +53,9 @@ def make_project(root: Path, table: pd.DataFrame, model_dir: Path, name: str) ->
     return path
 
 
-def test_flow_trains_registers_promotes_and_caches(prefect_server, tiny_models, tmp_path):
+def test_flow_trains_registers_promotes_and_caches(
+    prefect_server, tiny_models, tmp_path, monkeypatch
+):
     from flows.finetune import finetune
 
     root = tmp_path / "project"
@@ -78,7 +80,7 @@ def test_flow_trains_registers_promotes_and_caches(prefect_server, tiny_models, 
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"data_checks", "plots", "model_folder"} <= artifacts
 
-    mlflow.set_tracking_uri(uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # scoped to this test, unlike set_tracking_uri
     model = mlflow.pyfunc.load_model("models:/tiny-spam@champion")
     predictions = model.predict(pd.DataFrame({"text": ["free money winner click prize"]}))
     assert predictions["label"].tolist() == ["spam"]

@@ -13,13 +13,12 @@ import hashlib
 import importlib.metadata
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
 from peftflow.errors import ConfigError
+from peftflow.fsutil import atomic_folder
 
 Family = Literal["encoder", "decoder"]
 
@@ -174,16 +173,12 @@ def _converted_gguf_folder(gguf_path: Path, version: str) -> Path:
         str(gguf_path.parent), gguf_file=gguf_path.name, dtype="bfloat16"
     )
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    # A GGUF-loaded model refuses save_pretrained while it carries this entry.
+    # The tensors are already dequantised; a GGUF-loaded model still refuses
+    # save_pretrained while it carries the GGUF quantizer and its config entry.
+    model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))
-    try:
+    with atomic_folder(target) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target

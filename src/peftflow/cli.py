@@ -132,16 +132,21 @@ def ingest(
 
 
 @app.command()
-def methods(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+def methods(
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    markdown: bool = typer.Option(False, "--markdown", help="Print the README's methods table."),
+) -> None:
     """List the fine-tuning methods in the registry."""
-    from peftflow.methods import list_methods
+    from peftflow.methods import list_methods, methods_markdown
 
     listing = list_methods()
     if as_json:
         typer.echo(json.dumps(listing, indent=2))
-        return
-    for entry in listing:
-        typer.echo(f"{entry['name']:<14} {entry['family']:<20} {entry['trains']}")
+    elif markdown:
+        typer.echo(methods_markdown())
+    else:
+        for entry in listing:
+            typer.echo(f"{entry['name']:<20} {entry['family']:<20} {entry['trains']}")
 
 
 @app.command()
@@ -158,6 +163,69 @@ def config(
         _fail(err)
     typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     typer.echo(f"# config hash: {cfg.config_hash()}")
+
+
+@app.command()
+def study(
+    path: str = typer.Argument(..., help="Study YAML (see configs/studies/)."),
+    root: Path = typer.Option(Path("."), help="Project folder holding data/, mlflow.db, outputs/."),
+    force: bool = typer.Option(False, help="Retrain variants whose run key was already trained."),
+    remote: str | None = typer.Option(None, help="DVC remote URL (default: local .dvc-storage/)."),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Validate every variant and list them; train nothing."
+    ),
+) -> None:
+    """Run a sweep of variants as one Prefect flow; report under reports/<study>/."""
+    import shlex
+    import sys
+
+    from peftflow.study import plan_study
+
+    try:
+        plan = plan_study(path)
+    except PeftflowError as err:
+        _fail(err)
+    if dry_run:
+        _print_plan(plan)
+        return
+    from flows.study import study as study_flow
+
+    command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+    try:
+        summary = study_flow(
+            study_path=str(Path(path).resolve()),
+            root=str(root),
+            command=command,
+            force=force,
+            remote_url=remote,
+        )
+    except PeftflowError as err:
+        _fail(err)
+    _print_study_summary(summary)
+
+
+def _print_plan(plan) -> None:
+    typer.echo(f"study {plan.study.name}: {len(plan.variants)} variants, all valid")
+    for variant in plan.variants:
+        question = " / ".join(variant.questions) or "(methods table)"
+        typer.echo(f"  {variant.name:<34} {variant.config.method.name:<20} {question}")
+    for method, reason in plan.skipped_methods.items():
+        typer.echo(f"  skipped method {method}: {reason}")
+
+
+def _print_study_summary(summary: dict) -> None:
+    typer.echo(f"\n{'variant':<28} {'status':<8} {'test F1':>8} {'trainable %':>12}")
+    for row in summary["results"]:
+        f1, share = row.get("test_f1"), row.get("trainable_percent")
+        f1_text = "-" if f1 is None else f"{f1:.4f}"
+        share_text = "-" if share is None else f"{share:.3g}"
+        typer.echo(f"{row['variant']:<28} {row['status']:<8} {f1_text:>8} {share_text:>12}")
+    report, parent = summary["report_paths"][0], summary["parent_run_id"]
+    typer.echo(f"report: {report} (parent MLflow run {parent})")
+    if summary["failed"]:
+        failed = ", ".join(summary["failed"])
+        typer.secho(f"failed variants: {failed}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=1)
 
 
 if __name__ == "__main__":

@@ -18,9 +18,6 @@ pickle is ever loaded.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +28,7 @@ from torch import nn
 from peftflow.assets import ResolvedModel, resolve_model
 from peftflow.config import ExperimentConfig, parse_config
 from peftflow.errors import RegistryError
+from peftflow.fsutil import atomic_folder
 from peftflow.methods import apply_method
 from peftflow.modeling import build_classifier, load_tokenizer
 
@@ -66,26 +64,27 @@ def save_classifier(
     out_dir: Path,
 ) -> Path:
     """Write the model folder atomically (a crash never leaves half a model)."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
-    try:
+    with atomic_folder(Path(out_dir)) as staging:
         save_file(trained_state(model), str(staging / WEIGHTS_FILE))
         tokenizer.save_pretrained(str(staging / "tokenizer"))
         meta = {
             "format_version": FORMAT_VERSION,
             "config": config.model_dump(mode="json"),
             "labels": list(config.data.labels),
-            "base": base.to_dict(),
+            "base": base_reference(base, config),
         }
         (staging / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out_dir
+    return Path(out_dir)
+
+
+def base_reference(base: ResolvedModel, config: ExperimentConfig) -> dict:
+    """The pinned base, saying whether its weights were loaded or randomly initialised.
+
+    A random-init base is rebuilt from the base's architecture and the config's
+    seed (``model.pretrained: false``); its fingerprint still pins the architecture source.
+    """
+    weights = "pretrained" if config.model.pretrained else f"random-init (seed {config.seed})"
+    return {**base.to_dict(), "weights": weights}
 
 
 def load_classifier(model_dir: Path, device: str = "cpu") -> LoadedClassifier:
@@ -97,9 +96,7 @@ def load_classifier(model_dir: Path, device: str = "cpu") -> LoadedClassifier:
     meta = json.loads(meta_path.read_text())
     config = parse_config(meta["config"], source=str(meta_path))
     base = _pinned_base(meta["base"])
-    model = build_classifier(
-        base, len(meta["labels"]), _pooling(config, base), config.model.dtype, seed=config.seed
-    )
+    model = build_classifier(base, len(meta["labels"]), config.model, seed=config.seed)
     model = apply_method(model, config.method, base.family)
     _load_trained_tensors(model, model_dir / WEIGHTS_FILE)
     tokenizer = load_tokenizer_from(model_dir / "tokenizer", config)
@@ -117,10 +114,6 @@ def _pinned_base(recorded: dict) -> ResolvedModel:
             f"{recorded.get('package_version') or recorded['location']} to reload it"
         )
     return current
-
-
-def _pooling(config: ExperimentConfig, base: ResolvedModel):
-    return None if config.model.pooling == "auto" else config.model.pooling
 
 
 def _load_trained_tensors(model: nn.Module, weights_path: Path) -> None:
@@ -145,13 +138,7 @@ def build_for_training(config: ExperimentConfig) -> tuple[nn.Module, object, Res
     """Resolve the base, build classifier + tokenizer, apply the method."""
     base = resolve_model(config.model.name, config.model.revision)
     tokenizer = load_tokenizer(base, config.model.padding_side)
-    model = build_classifier(
-        base,
-        len(config.data.labels),
-        _pooling(config, base),
-        config.model.dtype,
-        seed=config.seed,
-    )
+    model = build_classifier(base, len(config.data.labels), config.model, seed=config.seed)
     # Keep the backbone's pad id consistent with the tokenizer (decoders pad with eos).
     if getattr(model.backbone.config, "pad_token_id", None) is None:
         model.backbone.config.pad_token_id = tokenizer.pad_token_id

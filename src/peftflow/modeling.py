@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from peftflow.assets import ResolvedModel
+from peftflow.config import ModelConfig
 from peftflow.errors import ConfigError
 
 Pooling = Literal["last", "first", "mean"]
@@ -41,15 +42,34 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, how: Pooling) -> to
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), index]  # [B, H]
 
 
+def mask_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids [B, T] counted over real tokens: 0 at each row's first real token.
+
+    Decoders number positions 0..T-1 by default, so a row left-padded with k pads
+    would start at position k: GPT-2's learned position table would read the wrong
+    rows. Llama's rotary attention depends only on position differences, so the
+    shift cancels in exact arithmetic, but counting from 0 keeps it on the
+    positions it was pretrained on. Pads get position 0 (clamped); they are masked.
+    """
+    return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+
+
 class SequenceClassifier(nn.Module):
     """backbone -> pooled hidden state -> dropout -> linear head."""
 
     def __init__(
-        self, backbone: nn.Module, num_labels: int, pooling: Pooling, dropout: float = 0.1
+        self,
+        backbone: nn.Module,
+        num_labels: int,
+        pooling: Pooling,
+        dropout: float = 0.1,
+        positions_from_mask: bool = False,
     ):
         super().__init__()
         self.backbone = backbone
         self.pooling = pooling
+        # Decoders: count positions over real tokens only (see mask_positions).
+        self.positions_from_mask = positions_from_mask
         self.dropout = nn.Dropout(dropout)
         hidden_size = backbone.config.hidden_size
         self.head = nn.Linear(hidden_size, num_labels)
@@ -58,7 +78,12 @@ class SequenceClassifier(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """input_ids, attention_mask: [B, T] -> logits [B, num_labels]."""
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        position_ids = mask_positions(attention_mask) if self.positions_from_mask else None
+        hidden = self.backbone(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+        ).last_hidden_state
+        # Prompt/P-tuning prepend V virtual tokens: [B, V+T, H] -> the T text positions.
+        hidden = hidden[:, hidden.shape[1] - input_ids.shape[1] :]
         pooled = pool(hidden, attention_mask, self.pooling)
         return self.head(self.dropout(pooled.to(self.head.weight.dtype)))
 
@@ -93,17 +118,57 @@ def load_backbone(resolved: ResolvedModel, dtype: str = "float32") -> nn.Module:
     )
 
 
-def build_classifier(
-    resolved: ResolvedModel,
-    num_labels: int,
-    pooling: Pooling | None = None,
-    dtype: str = "float32",
-    seed: int = 0,
-) -> SequenceClassifier:
-    """Backbone + freshly initialised head (seeded so the head init is reproducible)."""
-    backbone = load_backbone(resolved, dtype)
+def random_backbone(resolved: ResolvedModel, dtype: str, seed: int) -> nn.Module:
+    """The same architecture as ``load_backbone``, randomly initialised from ``seed``.
+
+    Seeding makes the random base a pure function of (architecture, seed), so a
+    saved model rebuilds exactly the frozen base its adapters were trained on.
+    """
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.from_pretrained(resolved.location, revision=resolved.revision)
     torch.manual_seed(seed)
-    return SequenceClassifier(backbone, num_labels, pooling or default_pooling(resolved.family))
+    return AutoModel.from_config(config, dtype=getattr(torch, dtype), attn_implementation="sdpa")
+
+
+def check_model_knobs(model_cfg: ModelConfig, family: str) -> None:
+    """Refuse knob combinations that are meaningless or silently wrong for ``family``."""
+    if family == "decoder":
+        return
+    if not model_cfg.causal_mask:
+        raise ConfigError(
+            "model.causal_mask=false applies to decoder models only; encoders are already "
+            "bidirectional. Remove model.causal_mask or choose a decoder model"
+        )
+    if model_cfg.padding_side == "left":
+        # Encoders number positions 0..T-1 including pads, so left padding would shift
+        # every position and make a text's prediction depend on its batch-mates.
+        raise ConfigError(
+            "model.padding_side=left shifts the absolute positions of encoder models "
+            "(pads would be counted); use model.padding_side: right for encoders"
+        )
+
+
+def build_classifier(
+    resolved: ResolvedModel, num_labels: int, model_cfg: ModelConfig, seed: int = 0
+) -> SequenceClassifier:
+    """Backbone (pretrained, or random from ``seed``) + freshly initialised, seeded head."""
+    check_model_knobs(model_cfg, resolved.family)
+    if model_cfg.pretrained:
+        backbone = load_backbone(resolved, model_cfg.dtype)
+    else:
+        backbone = random_backbone(resolved, model_cfg.dtype, seed)
+    if not model_cfg.causal_mask:
+        # transformers 5 reads config.is_causal on every forward: create_causal_mask
+        # then builds a padding-only (bidirectional) mask, and is_causal=False is
+        # passed down to each attention layer, so SDPA never applies its own causal
+        # flag, not even when no mask is needed (no padding).
+        backbone.config.is_causal = False
+    pooling = default_pooling(resolved.family) if model_cfg.pooling == "auto" else model_cfg.pooling
+    torch.manual_seed(seed)
+    return SequenceClassifier(
+        backbone, num_labels, pooling, positions_from_mask=resolved.family == "decoder"
+    )
 
 
 def transformer_blocks(backbone: nn.Module) -> nn.ModuleList:

@@ -89,11 +89,11 @@ def tokenisation_stage(
     """Second GE suite: token lengths vs max_length, truncation, pad token, padding side."""
     from peftflow.assets import resolve_model
     from peftflow.checks import validate_tokenisation
-    from peftflow.modeling import load_tokenizer
+    from peftflow.modeling import check_model_knobs, load_tokenizer
 
-    tokenizer = load_tokenizer(
-        resolve_model(cfg.model.name, cfg.model.revision), cfg.model.padding_side
-    )
+    resolved = resolve_model(cfg.model.name, cfg.model.revision)
+    check_model_knobs(cfg.model, resolved.family)  # refuse bad knobs before any training work
+    tokenizer = load_tokenizer(resolved, cfg.model.padding_side)
     splits = load_splits(split_paths)
     report = validate_tokenisation(
         splits,
@@ -153,8 +153,12 @@ def train_stage(
     data_md5: str,
     report_paths: list[str],
     root: Path,
+    parent_run_id: str | None = None,
 ) -> dict:
-    """Train + evaluate inside one MLflow run; save the model folder and check it reloads."""
+    """Train + evaluate inside one MLflow run; save the model folder and check it reloads.
+
+    ``parent_run_id`` nests the run under another (a study's run) in the MLflow UI.
+    """
     from peftflow.training_run import run_training
 
     uri = tracking_uri(cfg, root)
@@ -167,7 +171,9 @@ def train_stage(
         "peftflow.base_model": cfg.model.name,
     }
     with RunTracker(uri) as tracker:
-        run_id = tracker.start(experiment_id, cfg.name, tags, cfg.flat_params())
+        run_id = tracker.start(
+            experiment_id, cfg.name, tags, cfg.flat_params(), parent_run_id=parent_run_id
+        )
         for path in report_paths:
             tracker.log_artifact(path, "data_checks")
         out_dir = outputs_dir(root) / "runs" / run_id
@@ -179,7 +185,11 @@ def train_stage(
 
 
 def baseline_stage(
-    cfg: ExperimentConfig, split_paths: dict[str, str], data_md5: str, root: Path
+    cfg: ExperimentConfig,
+    split_paths: dict[str, str],
+    data_md5: str,
+    root: Path,
+    parent_run_id: str | None = None,
 ) -> dict:
     """TF-IDF + logistic regression on the same split, logged as its own run."""
     from peftflow.baseline import train_tfidf_baseline
@@ -198,7 +208,13 @@ def baseline_stage(
         "peftflow.task": cfg.task,
     }
     with RunTracker(uri) as tracker:
-        run_id = tracker.start(experiment_id, "baseline-tfidf-logreg", tags, {"seed": cfg.seed})
+        run_id = tracker.start(
+            experiment_id,
+            "baseline-tfidf-logreg",
+            tags,
+            {"seed": cfg.seed},
+            parent_run_id=parent_run_id,
+        )
         result = train_tfidf_baseline(
             load_splits(split_paths), cfg.data.labels, cfg.data.positive_label, cfg.seed
         )

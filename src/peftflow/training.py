@@ -1,7 +1,8 @@
 """The training loop: seeded AdamW, warmup + decay, clipping, accumulation, per-epoch eval.
 
-Texts are tokenised once up front (no padding), and each batch is padded only
-to its own longest sequence, so no compute is spent on padding beyond the batch.
+Texts are tokenised once up front (no padding); training batches are padded as
+``model.padding`` says (see ``train_padding``), evaluation batches always to their
+own longest (see ``predict_logits``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import resource
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -20,6 +22,7 @@ from tqdm.auto import tqdm
 
 from peftflow.config import ExperimentConfig, TrainConfig
 from peftflow.errors import TrainingError
+from peftflow.methods import METHODS
 from peftflow.metrics import classification_metrics
 
 EpochCallback = Callable[[int, dict[str, float]], None]
@@ -84,6 +87,53 @@ def pad_batch(
         input_ids[row, span] = torch.tensor(seq, dtype=torch.long)
         mask[row, span] = 1
     return input_ids, mask
+
+
+@dataclass(frozen=True)
+class Padding:
+    """How token-id lists become a batch: pad id, side, and width (None: the batch's longest)."""
+
+    pad_id: int
+    side: str
+    width: int | None = None
+
+    def collate(
+        self, data: EncodedSplit, idx: Sequence[int]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """input_ids, attention_mask [B, T] and labels [B] of the examples ``idx``."""
+        ids, mask = pad_batch([data.input_ids[i] for i in idx], self.pad_id, self.side, self.width)
+        return ids, mask, torch.tensor([data.labels[i] for i in idx], dtype=torch.long)
+
+
+def train_padding(cfg: ExperimentConfig, train: EncodedSplit, pad_id: int) -> Padding:
+    """The padding of training batches for ``model.padding``.
+
+    longest: each batch to its own longest; max_length: every batch to
+    model.max_length; train_longest: every batch to the longest training example
+    (after truncation); none: nothing to pad, as every micro-batch holds one
+    example (see ``optimizer_steps``).
+    """
+    width = None
+    if cfg.model.padding == "max_length":
+        width = cfg.model.max_length
+    elif cfg.model.padding == "train_longest":
+        width = max(len(ids) for ids in train.input_ids)
+    return Padding(pad_id, cfg.model.padding_side, width)
+
+
+def optimizer_steps(
+    batches: list[list[int]], grad_accum_steps: int, unpadded: bool
+) -> list[list[list[int]]]:
+    """Group batches into optimizer steps, each a list of micro-batches of example indices.
+
+    A step covers ``grad_accum_steps`` batches. ``unpadded`` (model.padding "none")
+    runs each example of those batches alone, so a step still sees
+    batch_size * grad_accum_steps examples: the effective batch is unchanged.
+    """
+    steps = [batches[i : i + grad_accum_steps] for i in range(0, len(batches), grad_accum_steps)]
+    if unpadded:
+        return [[[i] for batch in step for i in batch] for step in steps]
+    return steps
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device):
@@ -155,7 +205,14 @@ def predict_logits(
     side: str,
     precision: str = "auto",
 ) -> torch.Tensor:
-    """Logits [N, C] in input order; batches are length-sorted to minimise padding."""
+    """Logits [N, C] in input order; batches are length-sorted to minimise padding.
+
+    Every ``model.padding`` strategy is evaluated with batches padded to their own
+    longest: pads are masked, decoders count positions over real tokens
+    (``mask_positions``) and encoders pad on the right (left is refused), so a
+    text's logits do not depend on the padding around it and a wider pad would
+    only cost compute. tests/test_knobs.py checks this invariance.
+    """
     model.eval()
     device = next(model.parameters()).device
     order = sorted(range(len(data)), key=lambda i: len(data.input_ids[i]))
@@ -209,6 +266,9 @@ def train_classifier(
     steps_per_epoch = math.ceil(len(train) / (tc.batch_size * tc.grad_accum_steps))
     optimizer = make_optimizer(model, tc, device)
     scheduler = make_scheduler(optimizer, tc, steps_per_epoch * tc.epochs)
+    method = METHODS[cfg.method.name]
+    if method.prepare_training is not None:  # e.g. AdaLoRA's rank-budget schedule
+        method.prepare_training(model, cfg.method, steps_per_epoch * tc.epochs)
     outcome = TrainOutcome(device=str(device))
     best_f1, best_state = -1.0, None
     started = time.perf_counter()
@@ -236,32 +296,68 @@ def _run_epoch(model, train, cfg, pad_id, optimizer, scheduler, device, epoch) -
     tc = cfg.train
     model.train()
     lengths = [len(ids) for ids in train.input_ids]
-    batches = batch_order(lengths, tc.batch_size, cfg.seed, epoch, tc.group_by_length)
+    # Length grouping saves compute only when a batch is padded to its own longest;
+    # under a fixed width, or no padding, it would only make batches less random.
+    grouped = tc.group_by_length and cfg.model.padding == "longest"
+    batches = batch_order(lengths, tc.batch_size, cfg.seed, epoch, grouped)
+    steps = optimizer_steps(batches, tc.grad_accum_steps, unpadded=cfg.model.padding == "none")
+    padding = train_padding(cfg, train, pad_id)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    method = METHODS[cfg.method.name]
+    hook = method.after_optimizer_step  # e.g. AdaLoRA's rank re-allocation
+    after_step = partial(hook, model) if hook else None
     losses = []
-    bar = tqdm(batches, desc=f"epoch {epoch}/{tc.epochs}", disable=not tc.progress, leave=False)
-    for step, idx in enumerate(bar, start=1):
-        ids, mask = pad_batch([train.input_ids[i] for i in idx], pad_id, cfg.model.padding_side)
-        labels = torch.tensor([train.labels[i] for i in idx], device=device)
-        with autocast(device, tc.precision):
-            logits = model(ids.to(device), mask.to(device))
-        loss = nn.functional.cross_entropy(logits.float(), labels)
-        (loss / tc.grad_accum_steps).backward()
-        losses.append(loss.detach())
-        if step % tc.grad_accum_steps == 0 or step == len(batches):
-            _optimizer_step(trainable, optimizer, scheduler, tc.max_grad_norm)
+    bar = tqdm(steps, desc=f"epoch {epoch}/{tc.epochs}", disable=not tc.progress, leave=False)
+    for step, micro_batches in enumerate(bar, start=1):
+        losses.append(
+            _accumulate_gradients(model, train, micro_batches, padding, device, tc.precision)
+        )
+        if method.extra_loss:  # a function of the weights only: once per optimizer step
+            method.extra_loss(model).backward()
+        _optimizer_step(trainable, optimizer, scheduler, tc.max_grad_norm, after_step)
         if step % 20 == 0:  # one host sync every 20 steps, not every step
             _check_finite(losses[-20:], epoch, step)
             bar.set_postfix(loss=f"{torch.stack(losses[-20:]).mean().item():.4f}")
-    _check_finite(losses, epoch, len(batches))
+    _check_finite(losses, epoch, len(steps))
     return torch.stack(losses).mean().item()
 
 
-def _optimizer_step(trainable, optimizer, scheduler, max_grad_norm) -> None:
+def _accumulate_gradients(
+    model: nn.Module,
+    data: EncodedSplit,
+    micro_batches: list[list[int]],
+    padding: Padding,
+    device: torch.device,
+    precision: str,
+) -> torch.Tensor:
+    """Forward + backward every micro-batch of one optimizer step; returns the step's mean loss.
+
+    Each micro-batch adds its summed loss divided by the step's example count, so
+    the accumulated gradient is the mean over the step's examples whatever the
+    micro-batch sizes (one example each under padding "none", a short last batch).
+    """
+    n_examples = sum(len(idx) for idx in micro_batches)
+    step_loss = torch.zeros((), device=device)
+    for idx in micro_batches:
+        ids, mask, labels = padding.collate(data, idx)
+        with autocast(device, precision):
+            logits = model(ids.to(device), mask.to(device))  # [B, C]
+        loss = nn.functional.cross_entropy(logits.float(), labels.to(device), reduction="sum")
+        (loss / n_examples).backward()
+        step_loss += loss.detach() / n_examples
+    return step_loss
+
+
+def _optimizer_step(
+    trainable, optimizer, scheduler, max_grad_norm, after_step: Callable[[int], None] | None
+) -> None:
+    """Clip, step, then let the method act on the fresh weights and the still-present grads."""
     if max_grad_norm:
         torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
     optimizer.step()
     scheduler.step()
+    if after_step is not None:
+        after_step(scheduler.last_epoch)  # optimizer steps taken so far, 1-based
     optimizer.zero_grad(set_to_none=True)
 
 

@@ -10,7 +10,12 @@ import torch
 from peftflow.config import ExperimentConfig
 from peftflow.errors import RegistryError
 from peftflow.metrics import confusion, plot_confusion
-from peftflow.model_io import build_for_training, load_classifier, save_classifier
+from peftflow.model_io import (
+    base_reference,
+    build_for_training,
+    load_classifier,
+    save_classifier,
+)
 from peftflow.modeling import count_parameters
 from peftflow.training import EncodedSplit, encode, evaluate_split, predict_logits, train_classifier
 
@@ -38,7 +43,11 @@ def run_training(
     model, tokenizer, base = build_for_training(cfg)
     trainable, total = count_parameters(model)
     tracker.set_tags(
-        {"peftflow.base_fingerprint": base.fingerprint, "peftflow.base_source": base.source}
+        {
+            "peftflow.base_fingerprint": base.fingerprint,
+            "peftflow.base_source": base.source,
+            "peftflow.base_weights": base_reference(base, cfg)["weights"],
+        }
     )
     tracker.log_params({"base.location": base.location, "base.package": base.package_version or ""})
     encoded = encode_splits(cfg, tokenizer, splits)
