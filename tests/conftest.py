@@ -136,3 +136,15 @@ def tracking_uri(empty_store: Path, tmp_path: Path) -> str:
     """A fresh, isolated MLflow store per test (never the repo's mlflow.db)."""
     shutil.copy(empty_store, tmp_path / "mlflow.db")
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """One temporary Prefect API (SQLite) for the session; PREFECT_HOME kept out of ~."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PREFECT_HOME", str(home))
+        from prefect.testing.utilities import prefect_test_harness
+
+        with prefect_test_harness(server_startup_timeout=120):
+            yield

@@ -17,18 +17,6 @@ from tests.conftest import synthetic_spam_table
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory):
-    """One temporary Prefect API (SQLite) for the module; PREFECT_HOME kept out of ~."""
-    home = tmp_path_factory.mktemp("prefect-home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PREFECT_HOME", str(home))
-        from prefect.testing.utilities import prefect_test_harness
-
-        with prefect_test_harness(server_startup_timeout=120):
-            yield
-
-
 def make_project(root: Path, table: pd.DataFrame, model_dir: Path, name: str) -> Path:
     """A git repo with a user table and a config that trains a tiny model on it."""
     root.mkdir(parents=True, exist_ok=True)

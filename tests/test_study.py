@@ -322,17 +322,6 @@ def test_cli_bad_study_exits_2_naming_the_field(tmp_path):
 # --- end to end ------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory):
-    home = tmp_path_factory.mktemp("prefect-home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PREFECT_HOME", str(home))
-        from prefect.testing.utilities import prefect_test_harness
-
-        with prefect_test_harness(server_startup_timeout=120):
-            yield
-
-
 @pytest.mark.slow
 @pytest.mark.server
 def test_study_nests_variant_runs_and_logs_the_report(prefect_server, tiny_models, tmp_path):

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -201,15 +202,16 @@ class ExperimentConfig(_Frozen):
 
     def flat_params(self) -> dict[str, str]:
         """Dotted, flat params for MLflow (``train.lr`` ...), lined up across variants."""
-        return {k: str(v) for k, v in _flatten(self.model_dump(mode="json")).items()}
+        return {k: str(v) for k, v in dotted(self.model_dump(mode="json")).items()}
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
-    flat: dict[str, object] = {}
+def dotted(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested sections -> dotted keys (``{model: {pooling: first}}`` -> ``model.pooling``)."""
+    flat: dict[str, Any] = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, prefix=f"{name}."))
+        if isinstance(value, Mapping):
+            flat.update(dotted(value, prefix=f"{name}."))
         else:
             flat[name] = value
     return flat

@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from peftflow.config import ExperimentConfig, format_validation_error, load_config
+from peftflow.config import ExperimentConfig, dotted, format_validation_error, load_config
 from peftflow.errors import ConfigError
 from peftflow.tracking import RunTracker, ensure_experiment, resolve_tracking_uri, standard_tags
 
@@ -174,18 +174,6 @@ def _resolve_base(base: str, study_path: Path) -> Path:
             "experiment YAML, relative to the study file (e.g. ../experiments/demo.yaml)"
         )
     return resolved
-
-
-def dotted(overrides: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested sections -> dotted keys, so ``{model: {pooling: first}}`` changes one field only."""
-    flat: dict[str, Any] = {}
-    for key, value in overrides.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(dotted(value, prefix=f"{name}."))
-        else:
-            flat[name] = value
-    return flat
 
 
 def _variant_config(
