@@ -21,7 +21,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -30,7 +29,7 @@ from peftflow.config import ExperimentConfig, parse_config
 from peftflow.errors import RegistryError
 from peftflow.fsutil import atomic_folder
 from peftflow.methods import apply_method
-from peftflow.modeling import build_classifier, load_tokenizer
+from peftflow.modeling import build_classifier, load_tokenizer, trained_state
 
 META_FILE = "peftflow_model.json"
 WEIGHTS_FILE = "weights.safetensors"
@@ -44,16 +43,6 @@ class LoadedClassifier:
     config: ExperimentConfig
     labels: list[str]
     base: ResolvedModel
-
-
-def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors that received gradients, keyed as in ``model.state_dict()``."""
-    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
-    return {
-        name: tensor.detach().to("cpu").contiguous().clone()
-        for name, tensor in model.state_dict().items()
-        if name in trainable
-    }
 
 
 def save_classifier(

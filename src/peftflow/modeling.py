@@ -207,3 +207,13 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
         total += param.numel()
         trainable += param.numel() if param.requires_grad else 0
     return trainable, total
+
+
+def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors that received gradients, keyed as in ``model.state_dict()``."""
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    return {
+        name: tensor.detach().to("cpu").contiguous().clone()
+        for name, tensor in model.state_dict().items()
+        if name in trainable
+    }

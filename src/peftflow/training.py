@@ -24,6 +24,7 @@ from peftflow.config import ExperimentConfig, TrainConfig
 from peftflow.errors import TrainingError
 from peftflow.methods import METHODS
 from peftflow.metrics import classification_metrics
+from peftflow.modeling import trained_state
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 
@@ -281,7 +282,7 @@ def train_classifier(
             on_epoch(epoch, metrics)
         if metrics["val_f1"] > best_f1:
             best_f1, outcome.best_epoch = metrics["val_f1"], epoch
-            best_state = _snapshot_trainable(model) if tc.restore_best_epoch else None
+            best_state = trained_state(model) if tc.restore_best_epoch else None
     outcome.train_seconds = time.perf_counter() - started
     if best_state is not None and outcome.best_epoch != tc.epochs:
         model.load_state_dict(best_state, strict=False)
@@ -367,8 +368,3 @@ def _check_finite(losses: list[torch.Tensor], epoch: int, step: int) -> None:
             f"non-finite loss in epoch {epoch} by step {step}; lower train.lr, enable "
             "train.max_grad_norm, or use float32 (model.dtype)"
         )
-
-
-def _snapshot_trainable(model: nn.Module) -> dict[str, torch.Tensor]:
-    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if k in trainable}
