@@ -30,9 +30,15 @@ def finetune(
     splits = data.split(cfg, ingested["table_path"], md5, base)
     leakage = data.validate_splits(splits["paths"], reports)
     tokens = data.check_tokenisation(cfg, splits["paths"], reports)
-    summary = {"config": cfg.name, "run_key": cfg.run_key(md5), "data": ingested, "split": splits}
+    summary = {
+        "config": cfg.name,
+        "task": cfg.task,
+        "run_key": cfg.run_key(md5),
+        "data": ingested,
+        "split": splits,
+    }
     if run_baseline:
-        summary["baseline"] = train.tfidf_baseline(cfg, splits["paths"], md5, base)
+        summary["baseline"] = train.baseline(cfg, splits["paths"], md5, base)
     cached = None if force else train.find_cached_run(cfg, md5, base)
     if cached:
         logger.info(
@@ -41,7 +47,9 @@ def finetune(
         summary["finetune"] = train.cached_run_summary(cfg, cached, base)
         return summary
     report_paths = raw["report_paths"] + leakage["report_paths"] + tokens["report_paths"]
-    result = train.train_and_evaluate(cfg, splits["paths"], md5, report_paths, base)
+    result = train.train_and_evaluate(
+        cfg, splits["paths"], md5, report_paths, base, summary.get("baseline")
+    )
     summary["finetune"] = result
     if cfg.tracking.register_model:
         version = registry.register(cfg, result["run_id"], result["model_dir"], base)

@@ -38,7 +38,7 @@ def study(
     command = command or f"study(study_path={study_path!r}, root={root!r})"
     with parent_run(plan, md5, base, command) as parent:
         split_paths, checks = _shared_data_checks(plan, ingested, base)
-        baseline = study_tasks.tfidf_baseline(plan.reference, split_paths, md5, base, parent.run_id)
+        baseline = study_tasks.baseline(plan.reference, split_paths, md5, base, parent.run_id)
         results = [
             _run_variant(variant, split_paths, md5, checks, base, parent.run_id, force)
             for variant in plan.variants

@@ -24,8 +24,8 @@ def train_variant(
     return pipeline.train_stage(cfg, split_paths, data_md5, report_paths, root, parent_run_id)
 
 
-@task(name="tfidf-baseline")
-def tfidf_baseline(
+@task(name="baseline")
+def baseline(
     cfg: ExperimentConfig,
     split_paths: dict[str, str],
     data_md5: str,

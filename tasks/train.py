@@ -29,12 +29,12 @@ def train_and_evaluate(
     data_md5: str,
     report_paths: list[str],
     root: Path,
+    baseline: dict | None = None,
 ) -> dict:
-    return pipeline.train_stage(cfg, split_paths, data_md5, report_paths, root)
+    return pipeline.train_stage(cfg, split_paths, data_md5, report_paths, root, baseline=baseline)
 
 
-@task(name="tfidf-baseline")
-def tfidf_baseline(
-    cfg: ExperimentConfig, split_paths: dict[str, str], data_md5: str, root: Path
-) -> dict:
+@task(name="baseline")
+def baseline(cfg: ExperimentConfig, split_paths: dict[str, str], data_md5: str, root: Path) -> dict:
+    """TF-IDF + logistic regression (classification) or the zero-shot base (generation)."""
     return pipeline.baseline_stage(cfg, split_paths, data_md5, root)

@@ -60,6 +60,66 @@ def build_tiny_model_dir(kind: str, folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+# A small ChatML-like template: the chat path without loading a chat model.
+CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CAUSAL_KINDS = ("llama", "gpt2")
+
+
+def chat_tokenizer():
+    """MiniLM's WordPiece tokenizer + ChatML markers (<|im_end|> is eos) and template."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_folder()))
+    tokenizer.add_special_tokens(
+        {"eos_token": "<|im_end|>", "additional_special_tokens": ["<|im_start|>"]}
+    )
+    tokenizer.chat_template = CHATML
+    return tokenizer
+
+
+def build_tiny_causal_lm_dir(kind: str, folder: Path, seed: int = 0) -> Path:
+    """A 2-layer, 32-wide ``kind`` causal LM (own LM head) with the chat tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = chat_tokenizer()
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(_tiny_config(kind, len(tokenizer)))
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(folder), safe_serialization=True)
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_causal_lms(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny-causal-lms")
+    return {kind: build_tiny_causal_lm_dir(kind, root / kind) for kind in CAUSAL_KINDS}
+
+
+def synthetic_generation_table(n: int = 240, seed: int = 0) -> pd.DataFrame:
+    """Documents whose 'subject' is their topic word + a number word (many distinct targets)."""
+    rng = random.Random(seed)
+    numbers = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+    rows = []
+    for i in range(n):
+        topic, number = rng.choice(HAM_WORDS), numbers[(i // len(HAM_WORDS)) % len(numbers)]
+        filler = " ".join(rng.choice(SHARED_WORDS) for _ in range(8))
+        rows.append(
+            {
+                "id": f"d{i:05d}",
+                "prompt": f"{topic} {number} {filler} #{i}",
+                "response": f"{topic} {number}",
+                "source": "synthetic",
+            }
+        )
+    return pd.DataFrame(rows)
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny-models")

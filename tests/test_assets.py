@@ -8,7 +8,7 @@ import pytest
 
 from peftflow.assets import fingerprint, resolve_model
 from peftflow.errors import ConfigError, RegistryError
-from peftflow.model_io import build_for_training, load_classifier, save_classifier
+from peftflow.model_io import build_for_training, load_model, save_model
 from tests.test_methods import tiny_config
 
 
@@ -57,12 +57,12 @@ def test_saved_model_refuses_a_changed_base(tiny_models, tmp_path):
     base_dir = shutil.copytree(tiny_models["bert"], tmp_path / "base")
     cfg = tiny_config(base_dir, "lora")
     model, tokenizer, base = build_for_training(cfg)
-    saved = save_classifier(model, tokenizer, cfg, base, tmp_path / "model")
+    saved = save_model(model, tokenizer, cfg, base, tmp_path / "model")
     from tests.conftest import build_tiny_model_dir
 
     build_tiny_model_dir("bert", base_dir, seed=1)  # different base weights, same path
     with pytest.raises(RegistryError, match="changed since this model was trained"):
-        load_classifier(saved)
+        load_model(saved)
 
 
 @pytest.mark.slow
@@ -96,8 +96,8 @@ def test_smollm2_package_converts_once_and_trains_as_a_classifier(tmp_path, monk
     outcome = train_classifier(model, data, data, cfg, tokenizer.pad_token_id)
     assert outcome.history[0]["train_loss"] > 0
 
-    saved = save_classifier(model, tokenizer, cfg, base, tmp_path / "model")
-    reloaded = load_classifier(saved)
+    saved = save_model(model, tokenizer, cfg, base, tmp_path / "model")
+    reloaded = load_model(saved)
     pad = tokenizer.pad_token_id
     assert torch.allclose(
         predict_logits(model, data, 8, pad, "right"),

@@ -11,7 +11,7 @@ import torch
 from peftflow import training
 from peftflow.config import parse_config
 from peftflow.errors import ConfigError
-from peftflow.model_io import META_FILE, build_for_training, load_classifier, save_classifier
+from peftflow.model_io import META_FILE, build_for_training, load_model, save_model
 from peftflow.training import EncodedSplit, pad_batch, predict_logits, train_classifier
 from tests.test_methods import encoded_table
 
@@ -158,8 +158,9 @@ def test_accumulated_gradient_is_the_mean_over_the_step_whatever_the_micro_batch
     for unpadded in (False, True):
         (step,) = training.optimizer_steps([list(range(8)), [8, 9, 10, 11]], 2, unpadded)
         assert len(step) == (12 if unpadded else 2)
-        accumulate = partial(training._accumulate_gradients, model, data, step, padding)
-        actual = gradients_after(partial(accumulate, torch.device("cpu"), "fp32"))
+        objective = training.classification_objective(data, data, cfg, tokenizer.pad_token_id)
+        accumulate = partial(training._accumulate_gradients, model, objective, step)
+        actual = gradients_after(partial(accumulate, torch.device("cpu")))
         for got, want in zip(actual, expected, strict=True):
             torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
 
@@ -219,8 +220,8 @@ def test_random_init_bidirectional_lora_reloads_to_identical_logits(kind, tiny_m
     pad_id = tokenizer.pad_token_id
     train_classifier(model, data, data, cfg, pad_id)
 
-    saved = save_classifier(model, tokenizer, cfg, base, tmp_path / "model")
-    reloaded = load_classifier(saved)
+    saved = save_model(model, tokenizer, cfg, base, tmp_path / "model")
+    reloaded = load_model(saved)
     torch.testing.assert_close(
         predict_logits(reloaded.model, data, 64, pad_id, "right"),
         predict_logits(model, data, 64, pad_id, "right"),

@@ -1,3 +1,5 @@
+import json
+import subprocess
 import zipfile
 from pathlib import Path
 
@@ -6,9 +8,16 @@ import pytest
 
 from peftflow.config import DataConfig
 from peftflow.data import spamassassin
-from peftflow.data.loaders import load_dataset, load_sms_collection, load_table
+from peftflow.data.ingest import ingest
+from peftflow.data.loaders import (
+    load_dataset,
+    load_generation_table,
+    load_sms_collection,
+    load_table,
+)
 from peftflow.data.schema import TABLE_COLUMNS
-from peftflow.errors import DataError
+from peftflow.data.subjects import GENERATION_COLUMNS
+from peftflow.errors import ConfigError, DataError
 from tests.assets.data.fake_corpus import FAKE_COUNTS, write_fake_corpus
 
 SMS_FILE = Path(__file__).parent / "assets" / "data" / "sms.tsv"
@@ -130,3 +139,106 @@ def test_load_dataset_dispatches_on_source(tmp_path, monkeypatch):
         monkeypatch.setitem(spamassassin.EXPECTED_GROUP_COUNTS, group, count)
     corpus = load_dataset(DataConfig(), tmp_path / "cache")
     assert corpus["label"].value_counts().to_dict() == {"ham": 4, "spam": 2}
+
+
+# --- task "generation": prompt/response tables ------------------------------------
+
+
+def write_table(frame: pd.DataFrame, path: Path) -> Path:
+    writers = {
+        ".csv": lambda: frame.to_csv(path, index=False),
+        ".parquet": lambda: frame.to_parquet(path, index=False),
+        ".jsonl": lambda: frame.to_json(path, orient="records", lines=True),
+    }
+    writers[path.suffix]()
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet", ".jsonl"])
+def test_generation_table_formats_load_the_same_rows(tmp_path, suffix):
+    frame = pd.DataFrame(
+        {
+            "document": ["a long report", "NA", "minutes"],
+            "summary": ["short", "null", "None"],
+            "other": [1, 2, 3],
+        }
+    )
+    path = write_table(frame, tmp_path / f"docs{suffix}")
+
+    table = load_generation_table(path, prompt_column="document", response_column="summary")
+
+    assert list(table.columns) == list(GENERATION_COLUMNS)
+    assert table["id"].tolist() == ["row-000001", "row-000002", "row-000003"]
+    assert table["prompt"].tolist() == ["a long report", "NA", "minutes"]  # "NA" stays text
+    assert table["response"].tolist() == ["short", "null", "None"]
+    assert set(table["source"]) == {path.name}
+
+
+def test_generation_table_missing_columns_name_the_fields_to_set(tmp_path):
+    path = tmp_path / "docs.csv"
+    path.write_text("instruction,output\ndo it,done\n")
+    with pytest.raises(DataError) as caught:
+        load_generation_table(path, "prompt", "output")
+    message = str(caught.value)
+    assert "no column(s) ['prompt']" in message
+    assert "available columns: ['instruction', 'output']" in message
+    assert "data.prompt_column / data.response_column" in message
+
+
+def test_generation_table_null_values_are_refused_by_row(tmp_path):
+    path = tmp_path / "docs.parquet"
+    frame = pd.DataFrame({"prompt": ["a", None, "c", "d"], "response": ["x", "y", "z", None]})
+    frame.to_parquet(path)
+    with pytest.raises(
+        DataError, match=r"2 row\(s\) have an empty prompt or response \(data row 2, 4\)"
+    ):
+        load_generation_table(path, "prompt", "response")
+
+
+def test_generation_table_file_errors(tmp_path):
+    with pytest.raises(DataError, match="does not exist; set data.path"):
+        load_generation_table(tmp_path / "missing.jsonl", "prompt", "response")
+    with pytest.raises(DataError, match=r"unsupported file type '\.txt'"):
+        load_generation_table(tmp_path / "docs.txt", "prompt", "response")
+
+
+def test_load_dataset_for_generation(tmp_path, monkeypatch):
+    csv = tmp_path / "own.csv"
+    csv.write_text("question,answer\nwhat?,that\n")
+    cfg = DataConfig(
+        source="table", path=str(csv), prompt_column="question", response_column="answer"
+    )
+
+    table = load_dataset(cfg, tmp_path, task="generation")
+    assert table[["prompt", "response"]].values.tolist() == [["what?", "that"]]
+
+    # SpamAssassin keeps the classification schema: subjects are derived from it later.
+    write_fake_corpus(tmp_path / "cache" / "0.2.3" / "package" / "data")
+    for group, count in FAKE_COUNTS.items():
+        monkeypatch.setitem(spamassassin.EXPECTED_GROUP_COUNTS, group, count)
+    corpus = load_dataset(DataConfig(), tmp_path / "cache", task="generation")
+    assert list(corpus.columns) == list(TABLE_COLUMNS)
+
+    with pytest.raises(ConfigError, match="unknown task 'regression'; valid tasks"):
+        load_dataset(cfg, tmp_path, task="regression")
+
+
+def test_ingest_of_a_generation_table_has_no_label_counts(tmp_path):
+    root = tmp_path / "project"
+    root.mkdir()
+    subprocess.run(["git", "init", "-q", str(root)], check=True)
+    path = write_table(
+        pd.DataFrame({"prompt": ["doc one", "doc two"], "response": ["one", "two"]}),
+        tmp_path / "docs.jsonl",
+    )
+
+    result = ingest(DataConfig(source="table", path=str(path)), root, push=False, task="generation")
+
+    assert result.label_counts == {}
+    assert result.n_rows == 2
+    manifest = json.loads((root / "data" / "manifest.json").read_text())
+    assert manifest["label_counts"] == {}
+    assert manifest["columns"] == list(GENERATION_COLUMNS)
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(result.table_path), load_generation_table(path, "prompt", "response")
+    )

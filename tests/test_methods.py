@@ -11,7 +11,7 @@ from peft import PeftModel
 from peftflow.config import parse_config
 from peftflow.errors import ConfigError
 from peftflow.methods import METHODS, apply_method, list_methods
-from peftflow.model_io import build_for_training, load_classifier, save_classifier
+from peftflow.model_io import build_for_training, load_model, save_model
 from peftflow.modeling import count_parameters, final_norm, transformer_blocks
 from peftflow.surgery import adapters
 from peftflow.training import EncodedSplit, encode, predict_logits, train_classifier
@@ -111,8 +111,8 @@ def test_method_trains_and_reloads_exactly(method, kind, tiny_models, tmp_path):
     )
     assert after < before, f"{method} on {kind}: loss {before:.4f} -> {after:.4f} did not fall"
 
-    saved = save_classifier(model, tokenizer, cfg, base, tmp_path / "model")
-    reloaded = load_classifier(saved)
+    saved = save_model(model, tokenizer, cfg, base, tmp_path / "model")
+    reloaded = load_model(saved)
     assert torch.allclose(
         predict_logits(model, data, 64, pad_id, "right"),
         predict_logits(reloaded.model, data, 64, pad_id, "right"),

@@ -1,4 +1,4 @@
-"""Great Expectations suites for raw data, split integrity and tokenisation.
+"""Great Expectations suites for raw data, split integrity and tokenisation (both tasks).
 
 Every check is a native GX expectation run on an ephemeral context against a
 whole-DataFrame batch. Aggregate properties with no native expectation (class
@@ -25,7 +25,9 @@ import numpy as np
 import pandas as pd
 
 from peftflow.config import DataConfig
+from peftflow.data.subjects import GENERATION_COLUMNS
 from peftflow.errors import DataCheckError, DataError
+from peftflow.prompting import EncodedGeneration, PromptFormat
 from peftflow.split import SPLITS, normalise_text
 
 SCHEMA_COLUMNS = ("id", "text", "label", "subject", "source")
@@ -409,18 +411,18 @@ def _label_balance_batch(labels: pd.Series, cfg: DataConfig) -> _Batch:
     return _Batch("label_balance", table, "label", [check])
 
 
-def _duplicates_batch(df: pd.DataFrame, cfg: DataConfig) -> _Batch:
-    """Each row with the id of the earlier row (by id) whose normalised text it repeats."""
+def _duplicates_batch(df: pd.DataFrame, cfg: DataConfig, column: str = "text") -> _Batch:
+    """Each row with the id of the earlier row (by id) whose normalised ``column`` it repeats."""
     from great_expectations import expectations as gxe
 
-    table = _duplicate_table(df)
+    table = _duplicate_table(df, column)
     fraction = float(table["duplicate_of"].notna().mean()) if len(table) else 0.0
     check = _Check(
         gxe.ExpectColumnValuesToBeNull(
             column="duplicate_of",
             mostly=1.0 - cfg.max_duplicate_fraction,
             description=(
-                f"at most {cfg.max_duplicate_fraction:.0%} of rows to repeat an earlier text "
+                f"at most {cfg.max_duplicate_fraction:.0%} of rows to repeat an earlier {column} "
                 "(ignoring case and whitespace)"
             ),
         ),
@@ -436,11 +438,11 @@ def _duplicates_batch(df: pd.DataFrame, cfg: DataConfig) -> _Batch:
     return _Batch("duplicates", table, "id", [check])
 
 
-def _duplicate_table(df: pd.DataFrame) -> pd.DataFrame:
-    ordered = pd.DataFrame({"id": df["id"].astype(str), "text": df["text"]}).sort_values(
+def _duplicate_table(df: pd.DataFrame, column: str = "text") -> pd.DataFrame:
+    ordered = pd.DataFrame({"id": df["id"].astype(str), "value": df[column]}).sort_values(
         "id", kind="stable"
     )
-    key = ordered["text"].map(_text_key)
+    key = ordered["value"].map(_text_key)
     first_id = ordered.groupby(key)["id"].transform("first")
     repeats = key.notna() & key.duplicated(keep="first")
     return pd.DataFrame({"id": ordered["id"], "duplicate_of": first_id.where(repeats)}).reset_index(
@@ -517,12 +519,17 @@ def _split_rows(splits: dict[str, pd.DataFrame]) -> pd.DataFrame:
         ],
         ignore_index=True,
     )
-    splits_by_text = rows.dropna(subset=["text_key"]).groupby("text_key")["split"].agg(frozenset)
-    rows["shared_with"] = [
-        ", ".join(sorted(splits_by_text.get(key, frozenset()) - {own})) or None
-        for key, own in zip(rows["text_key"], rows["split"], strict=True)
-    ]
+    rows["shared_with"] = _other_splits_with_same(rows, "text_key")
     return rows
+
+
+def _other_splits_with_same(rows: pd.DataFrame, key_column: str) -> list[str | None]:
+    """Per row: the other splits (comma-joined) holding the same ``key_column`` value, or None."""
+    splits_by_key = rows.dropna(subset=[key_column]).groupby(key_column)["split"].agg(frozenset)
+    return [
+        ", ".join(sorted(splits_by_key.get(key, frozenset()) - {own})) or None
+        for key, own in zip(rows[key_column], rows["split"], strict=True)
+    ]
 
 
 def _labels_per_split_batch(splits: dict[str, pd.DataFrame], labels: Sequence[str]) -> _Batch:
@@ -612,19 +619,23 @@ def _token_lengths(texts: list[str], tokenizer: Any) -> np.ndarray:
 
 
 def _length_stats(lengths: pd.DataFrame) -> dict[str, dict[str, float]]:
-    stats = {}
-    for name, group in lengths.groupby("split", sort=False):
-        values = group["n_tokens"].to_numpy()
-        p50, p90, p99 = np.percentile(values, [50, 90, 99])
-        stats[str(name)] = {
-            "count": float(len(values)),
-            "mean": round(float(values.mean()), 2),
-            "p50": float(p50),
-            "p90": float(p90),
-            "p99": float(p99),
-            "max": float(values.max()),
-        }
-    return stats
+    return {
+        str(name): _describe(group["n_tokens"].to_numpy())
+        for name, group in lengths.groupby("split", sort=False)
+    }
+
+
+def _describe(values: np.ndarray) -> dict[str, float]:
+    """count, mean, p50/p90/p99 and max of a non-empty array of token counts."""
+    p50, p90, p99 = np.percentile(values, [50, 90, 99])
+    return {
+        "count": float(len(values)),
+        "mean": round(float(values.mean()), 2),
+        "p50": float(p50),
+        "p90": float(p90),
+        "p99": float(p99),
+        "max": float(values.max()),
+    }
 
 
 def _truncation_check(lengths: pd.DataFrame, max_length: int, max_rate: float) -> _Check:
@@ -686,3 +697,385 @@ def _tokenizer_checks(padding_side: str) -> list[_Check]:
             ),
         ),
     ]
+
+
+# --- generation: raw data -----------------------------------------------------------
+
+MIN_GENERATION_ROWS = 30
+
+
+def validate_generation_raw(df: pd.DataFrame, cfg: DataConfig) -> CheckReport:
+    """Suite ``generation_raw_data``: columns, ids, prompts, responses, lengths, duplicates.
+
+    Checks that need a missing column are left to the column check's failure.
+    """
+    present = [
+        check
+        for check in _generation_table_checks(cfg)
+        if getattr(check.expectation, "column", None) in (None, *df.columns)
+    ]
+    batches = [_Batch("table", df, "id" if "id" in df.columns else None, present)]
+    if {"id", "prompt"} <= set(df.columns):
+        batches.append(_duplicates_batch(df, cfg, column="prompt"))
+    return _run_suite("generation_raw_data", batches)
+
+
+def _generation_table_checks(cfg: DataConfig) -> list[_Check]:
+    from great_expectations import expectations as gxe
+
+    return [
+        _Check(
+            gxe.ExpectTableRowCountToBeBetween(
+                min_value=MIN_GENERATION_ROWS, description=f"at least {MIN_GENERATION_ROWS} rows"
+            ),
+            fix="add examples: fewer rows cannot fill train, val and test usefully",
+        ),
+        _Check(
+            gxe.ExpectTableColumnsToMatchSet(
+                column_set=list(GENERATION_COLUMNS),
+                exact_match=False,
+                description=f"the columns {', '.join(GENERATION_COLUMNS)}",
+            ),
+            fix=(
+                "add or rename the missing columns listed in the examples (for your own "
+                "table: set data.prompt_column / data.response_column and re-ingest)"
+            ),
+        ),
+        _Check(
+            gxe.ExpectColumnValuesToBeUnique(column="id", description="every id to be unique"),
+            fix="give every row its own id (the listed ids repeat)",
+        ),
+        _Check(
+            gxe.ExpectColumnValuesToNotBeNull(column="id", description="every row to have an id"),
+            fix="give the rows without an id one (re-ingesting assigns ids)",
+        ),
+        *_text_column_checks("prompt", "an empty prompt gives the model nothing to work from"),
+        _Check(
+            gxe.ExpectColumnValueLengthsToBeBetween(
+                column="prompt",
+                max_value=cfg.max_text_chars,
+                description=f"every prompt to have at most {cfg.max_text_chars} characters",
+            ),
+            fix="trim or drop the listed rows, or raise data.max_text_chars",
+        ),
+        *_text_column_checks("response", "an empty target teaches the model to say nothing"),
+    ]
+
+
+def _text_column_checks(column: str, why_empty_is_bad: str) -> list[_Check]:
+    """Present, a string and not blank: the same three checks for prompts and responses."""
+    from great_expectations import expectations as gxe
+
+    return [
+        _Check(
+            gxe.ExpectColumnValuesToNotBeNull(
+                column=column, description=f"every row to have a {column}"
+            ),
+            fix=f"drop the listed rows or fill in their {column}",
+        ),
+        _Check(
+            gxe.ExpectColumnValuesToBeOfType(
+                column=column, type_="str", description=f"every {column} to be a string"
+            ),
+            fix=f"convert the listed rows' {column} to strings in the ingestion step",
+        ),
+        _Check(
+            gxe.ExpectColumnValuesToNotMatchRegex(
+                column=column,
+                regex=r"^\s*$",
+                description=f"no {column} to be empty or only whitespace",
+            ),
+            fix=f"drop the listed rows: {why_empty_is_bad}",
+        ),
+    ]
+
+
+# --- generation: split leakage --------------------------------------------------------
+
+
+def validate_generation_splits(splits: dict[str, pd.DataFrame]) -> CheckReport:
+    """Suite ``generation_split_leakage``: non-empty splits, no prompt or response shared."""
+    from great_expectations import expectations as gxe
+
+    _require_split_columns(splits, ("id", "prompt", "response"))
+    rows = _generation_split_rows(splits)
+    checks = [
+        _Check(
+            gxe.ExpectColumnDistinctValuesToEqualSet(
+                column="split",
+                value_set=list(SPLITS),
+                description=f"non-empty splits {list(SPLITS)}",
+            ),
+            fix="re-run the split step: a split is missing or empty",
+            observed={"rows": {name: len(frame) for name, frame in splits.items()}},
+        ),
+        _Check(
+            gxe.ExpectColumnValuesToBeUnique(
+                column="id", description="every id in exactly one split"
+            ),
+            fix="re-run the split step on a table with unique ids; the listed ids repeat",
+        ),
+        _Check(
+            gxe.ExpectColumnValuesToBeNull(
+                column="prompt_shared_with",
+                description="no prompt (ignoring case and whitespace) in more than one split",
+            ),
+            fix="drop repeated prompts before splitting (split_generation does); the ids leak",
+        ),
+        _Check(
+            gxe.ExpectColumnValuesToBeNull(
+                column="response_shared_with",
+                description="no response (ignoring case and whitespace) in more than one split",
+            ),
+            fix=(
+                "split by response groups (split_generation does) so a response seen in "
+                "training is never a val/test target; the listed ids leak"
+            ),
+        ),
+    ]
+    return _run_suite("generation_split_leakage", [_Batch("rows", rows, "id", checks)])
+
+
+def _generation_split_rows(splits: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """All rows with their split and the *other* splits sharing their prompt or response."""
+    frames = [
+        pd.DataFrame(
+            {
+                "split": name,
+                "id": frame["id"].astype(str).to_numpy(),
+                "prompt_key": frame["prompt"].map(_text_key).to_numpy(),
+                "response_key": frame["response"].map(_text_key).to_numpy(),
+            }
+        )
+        for name, frame in splits.items()
+    ]
+    columns = ["split", "id", "prompt_key", "response_key"]
+    rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+    rows["prompt_shared_with"] = _other_splits_with_same(rows, "prompt_key")
+    rows["response_shared_with"] = _other_splits_with_same(rows, "response_key")
+    return rows
+
+
+# --- generation: tokenisation -----------------------------------------------------------
+
+
+def validate_generation_tokenisation(
+    encoded: dict[str, EncodedGeneration],
+    fmt: PromptFormat,
+    *,
+    max_length: int,
+    max_new_tokens: int,
+    context_length: int | None,
+    max_truncation_rate: float,
+) -> CheckReport:
+    """Suite ``generation_tokenisation``: lengths, context, truncation, targets, template."""
+    examples = _generation_token_table(encoded, fmt)
+    with_targets = examples[examples["split"].isin(_splits_with_targets(encoded))]
+    batches = [
+        _Batch(
+            "examples",
+            examples,
+            "id",
+            [_fits_max_length_check(examples, max_length), _template_check(examples, fmt)],
+        ),
+        _truncation_batch(examples, fmt, max_length, max_truncation_rate),
+        _Batch("targets", with_targets, "id", [_empty_response_check()]),
+        _prompt_format_batch(fmt, max_length, max_new_tokens, context_length),
+    ]
+    return _run_suite("generation_tokenisation", batches)
+
+
+def _generation_token_table(
+    encoded: dict[str, EncodedGeneration], fmt: PromptFormat
+) -> pd.DataFrame:
+    """One row per example: token counts and what is wrong with its template, if anything."""
+    frames = [
+        pd.DataFrame(
+            {
+                "split": name,
+                "id": [f"{name}/{index}" for index in range(len(enc))],
+                "text_tokens": np.asarray(enc.text_tokens, dtype=np.int64),
+                "response_tokens": np.asarray(enc.response_tokens, dtype=np.int64),
+                "length": np.asarray(enc.lengths, dtype=np.int64),
+                "template_problem": pd.Series(
+                    [_template_problem(ids, fmt) for ids in enc.prompt_ids], dtype=object
+                ),
+            }
+        )
+        for name, enc in encoded.items()
+    ]
+    columns = ["split", "id", "text_tokens", "response_tokens", "length", "template_problem"]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+
+
+def _template_problem(prompt_ids: list[int], fmt: PromptFormat) -> str | None:
+    """None when the prompt is wrapped in the format's pieces, else what is missing."""
+    head = fmt.prefix_ids + fmt.instruction_ids
+    tail = fmt.suffix_ids
+    if len(prompt_ids) < len(head) + len(tail):
+        return "shorter than the template"
+    problems = []
+    if prompt_ids[: len(head)] != head:
+        problems.append("no template prefix/instruction")
+    if tail and prompt_ids[len(prompt_ids) - len(tail) :] != tail:
+        problems.append("no template suffix")
+    return "; ".join(problems) or None
+
+
+def _splits_with_targets(encoded: dict[str, EncodedGeneration]) -> list[str]:
+    return [name for name, enc in encoded.items() if any(enc.response_ids)]
+
+
+def _fits_max_length_check(examples: pd.DataFrame, max_length: int) -> _Check:
+    from great_expectations import expectations as gxe
+
+    longest = int(examples["length"].max()) if len(examples) else 0
+    return _Check(
+        gxe.ExpectColumnValuesToBeBetween(
+            column="length",
+            max_value=max_length,
+            description=f"every prompt + response to fit model.max_length={max_length} tokens",
+        ),
+        fix=(
+            "encode with prompt_format(..., max_length=model.max_length) so prompts are cut "
+            "to fit; the listed examples are too long"
+        ),
+        observed={"max_length": max_length, "longest": longest},
+    )
+
+
+def _template_check(examples: pd.DataFrame, fmt: PromptFormat) -> _Check:
+    from great_expectations import expectations as gxe
+
+    problems = examples["template_problem"].dropna().value_counts().to_dict()
+    return _Check(
+        gxe.ExpectColumnValuesToBeNull(
+            column="template_problem",
+            description=(
+                f"every prompt to start with the {fmt.template} template's prefix and "
+                "instruction and end with its suffix"
+            ),
+        ),
+        fix=(
+            "encode every split with encode_generation and the same PromptFormat; the "
+            "listed prompts were built another way"
+        ),
+        observed={"template": fmt.template, "problems": problems},
+    )
+
+
+def _truncation_rates(examples: pd.DataFrame, fmt: PromptFormat) -> pd.DataFrame:
+    """One row per split: the share of texts and of responses longer than their budget."""
+    per_split = examples.assign(
+        text_truncated=examples["text_tokens"] > fmt.text_budget,
+        response_truncated=examples["response_tokens"] > fmt.max_response_tokens,
+    ).groupby("split", sort=False)
+    rates = per_split[["text_truncated", "response_truncated"]].mean().round(4)
+    rates.columns = ["text_truncation_rate", "response_truncation_rate"]
+    return rates.reset_index()
+
+
+def _truncation_batch(
+    examples: pd.DataFrame, fmt: PromptFormat, max_length: int, max_rate: float
+) -> _Batch:
+    """Per-split text truncation rates against the bound; length stats ride along as observed."""
+    from great_expectations import expectations as gxe
+
+    table = _truncation_rates(examples, fmt)
+    rates = table.set_index("split")
+    check = _Check(
+        gxe.ExpectColumnValuesToBeBetween(
+            column="text_truncation_rate",
+            max_value=max_rate,
+            description=(
+                f"at most {max_rate:.0%} of texts per split to exceed the text budget of "
+                f"{fmt.text_budget} tokens (longer ones lose their end to truncation)"
+            ),
+        ),
+        fix=(
+            "raise model.max_length (costs memory and time), lower "
+            "generation.max_response_tokens, or raise model.max_truncation_rate; the "
+            "examples are the splits over the bound"
+        ),
+        observed={
+            "max_length": max_length,
+            "text_budget": fmt.text_budget,
+            "max_response_tokens": fmt.max_response_tokens,
+            "truncation_rate": rates["text_truncation_rate"].to_dict(),
+            "response_truncation_rate": rates["response_truncation_rate"].to_dict(),
+            "token_lengths": _generation_length_stats(examples),
+        },
+    )
+    return _Batch("truncation", table, "split", [check])
+
+
+def _generation_length_stats(examples: pd.DataFrame) -> dict[str, dict[str, dict[str, float]]]:
+    """Per split: stats of text, response and prompt + response token counts."""
+    columns = {"text": "text_tokens", "response": "response_tokens", "prompt_response": "length"}
+    return {
+        str(name): {label: _describe(group[column].to_numpy()) for label, column in columns.items()}
+        for name, group in examples.groupby("split", sort=False)
+    }
+
+
+def _empty_response_check() -> _Check:
+    from great_expectations import expectations as gxe
+
+    return _Check(
+        gxe.ExpectColumnValuesToBeBetween(
+            column="response_tokens",
+            min_value=1,
+            description="every response in splits with targets to have at least one token",
+        ),
+        fix=(
+            "drop the listed examples or give them a response: an empty target teaches "
+            "the model to stop at once"
+        ),
+    )
+
+
+def _prompt_format_batch(
+    fmt: PromptFormat, max_length: int, max_new_tokens: int, context_length: int | None
+) -> _Batch:
+    """One row describing the format and the context a generation needs."""
+    from great_expectations import expectations as gxe
+
+    needed = max_length + max_new_tokens
+    table = pd.DataFrame(
+        {"template": [fmt.template], "suffix_tokens": [len(fmt.suffix_ids)], "needed": [needed]}
+    )
+    checks = [
+        _Check(
+            gxe.ExpectColumnValuesToBeBetween(
+                column="suffix_tokens",
+                min_value=1,
+                description=(
+                    f"the {fmt.template} template to end every prompt with a non-empty "
+                    "suffix (where the response starts), so generation starts at a known point"
+                ),
+            ),
+            fix="use a tokenizer whose chat template has a generation prompt, or template: plain",
+            observed={"template": fmt.template, "suffix_tokens": len(fmt.suffix_ids)},
+        )
+    ]
+    if context_length is not None:
+        checks.append(
+            _Check(
+                gxe.ExpectColumnValuesToBeBetween(
+                    column="needed",
+                    max_value=context_length,
+                    description=(
+                        f"model.max_length + generation.max_new_tokens to fit the model's "
+                        f"context of {context_length} tokens"
+                    ),
+                ),
+                fix="lower model.max_length or generation.max_new_tokens",
+                observed={
+                    "max_length": max_length,
+                    "max_new_tokens": max_new_tokens,
+                    "needed": needed,
+                    "context_length": context_length,
+                },
+            )
+        )
+    return _Batch("prompt_format", table, None, checks)

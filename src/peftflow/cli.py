@@ -65,18 +65,26 @@ def _run_flow(
     return summary
 
 
+# Columns of the summary table per task: (header, metric).
+SUMMARY_COLUMNS = {
+    "classification": [("test acc", "test_accuracy"), ("test F1", "test_f1")],
+    "generation": [("BLEU", "test_bleu"), ("chrF", "test_chrf"), ("ROUGE-L", "test_rougeL")],
+}
+BASELINE_NAMES = {"classification": "tfidf_logreg (baseline)", "generation": "zero-shot (baseline)"}
+
+
 def _print_summary(summary: dict) -> None:
+    task = summary.get("task", "classification")
     rows = []
     if "baseline" in summary:
-        rows.append(("tfidf_logreg (baseline)", summary["baseline"]["metrics"]))
+        rows.append((BASELINE_NAMES[task], summary["baseline"]["metrics"]))
     rows.append((summary["config"], summary["finetune"]["metrics"]))
+    columns = SUMMARY_COLUMNS[task] + [("train s", "train_seconds")]
     typer.echo(f"\nrun key {summary['run_key']}  data md5 {summary['data']['data_md5']}")
-    typer.echo(f"{'model':<32} {'test acc':>9} {'test F1':>8} {'train s':>8}")
+    typer.echo(f"{'model':<32}" + "".join(f" {header:>9}" for header, _ in columns))
     for name, metrics in rows:
-        typer.echo(
-            f"{name:<32} {metrics.get('test_accuracy', float('nan')):>9.4f} "
-            f"{metrics.get('test_f1', float('nan')):>8.4f} {metrics.get('train_seconds', 0):>8.1f}"
-        )
+        values = [metrics.get(key, float("nan")) for _, key in columns]
+        typer.echo(f"{name:<32}" + "".join(f" {value:>9.4f}" for value in values))
     if summary["finetune"].get("cached"):
         typer.echo("fine-tuning served from cache: same run key already trained")
     if "promotion" in summary:
@@ -93,7 +101,9 @@ def run(
     ),
     set_: list[str] = typer.Option([], "--set", help="Override a field: --set train.epochs=2"),
     root: Path = typer.Option(Path("."), help="Project folder holding data/, mlflow.db, outputs/."),
-    baseline: bool = typer.Option(True, help="Also run the TF-IDF + logistic-regression baseline."),
+    baseline: bool = typer.Option(
+        True, help="Also run the baseline (TF-IDF + LR; zero-shot for generation)."
+    ),
     force: bool = typer.Option(False, help="Retrain even when the run key was already trained."),
     remote: str | None = typer.Option(None, help="DVC remote URL (default: local .dvc-storage/)."),
 ) -> None:

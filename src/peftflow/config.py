@@ -41,6 +41,10 @@ class DataConfig(_Frozen):
     url: str | None = None
     text_column: str = "text"
     label_column: str = "label"
+    # task "generation" with source "table": the input (instruction or document)
+    # and the target (response or summary) columns.
+    prompt_column: str = "prompt"
+    response_column: str = "response"
     labels: tuple[str, ...] = ("ham", "spam")
     positive_label: str = "spam"
     data_dir: str = "data"
@@ -171,6 +175,36 @@ class TrainConfig(_Frozen):
     restore_best_epoch: bool = True
 
 
+class GenerationConfig(_Frozen):
+    """Task "generation": prompt formatting, target length and decoding for evaluation."""
+
+    # The user turn is the instruction, a blank line, then the example's prompt text.
+    instruction: str = "Write the subject line of this email."
+    system_prompt: str | None = "You write short, specific email subject lines."
+    # chat: the tokenizer's chat template (required to exist); plain: "instruction\n\n
+    # text\n\nResponse:"; auto: chat when the tokenizer has a template, else plain.
+    template: Literal["auto", "chat", "plain"] = "auto"
+    # Targets longer than this are cut in training (the eos stays); prompts are cut
+    # so prompt + target fit in model.max_length.
+    max_response_tokens: int = Field(32, ge=1)
+    max_new_tokens: int = Field(32, ge=1)
+    num_beams: int = Field(1, ge=1)
+    do_sample: bool = False
+    temperature: float = Field(1.0, gt=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    eval_batch_size: int = Field(32, ge=1)
+    # Cap val/test examples that are *generated* (seeded sample); None: all of them.
+    max_eval_examples: int | None = Field(None, ge=1)
+    # Evaluate the untouched base model too, so every run shows its gain over it.
+    zero_shot_baseline: bool = True
+    # Post-processing of every generated text (fine-tuned and zero-shot alike): keep the
+    # first non-empty line (one-line targets), then drop a leading label such as "Subject:".
+    first_line_only: bool = True
+    strip_prefixes: tuple[str, ...] = ("Subject:",)
+    # Rows of the sample table artifact (input, reference, prediction).
+    n_logged_samples: int = Field(50, ge=0)
+
+
 class TrackingConfig(_Frozen):
     experiment: str = "peftflow-spam"
     model_name: str = "spam-classifier"
@@ -183,13 +217,52 @@ class TrackingConfig(_Frozen):
 
 class ExperimentConfig(_Frozen):
     name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    task: Literal["classification"] = "classification"
+    # classification: label each text; generation: generate a response (causal LM).
+    task: Literal["classification", "generation"] = "classification"
     seed: int = 42
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _task_defaults(cls, data: Any) -> Any:
+        """Generation runs default to what generation needs, unless the config says otherwise."""
+        if not isinstance(data, Mapping) or data.get("task") != "generation":
+            return data
+        data = dict(data)
+        for section, defaults in GENERATION_DEFAULTS.items():
+            given = data.get(section)
+            if given is None or isinstance(given, Mapping):
+                data[section] = {**defaults, **(given or {})}
+        return data
+
+    @model_validator(mode="after")
+    def _task_fits(self) -> ExperimentConfig:
+        from peftflow.methods import METHODS
+
+        spec = METHODS[self.method.name]
+        if self.task not in spec.tasks:
+            valid = sorted(name for name, s in METHODS.items() if self.task in s.tasks)
+            raise ValueError(
+                f"method {self.method.name!r} does not apply to task {self.task!r}; "
+                f"valid methods: {', '.join(valid)}"
+            )
+        if self.task == "generation":
+            if self.data.source == "sms":
+                raise ValueError(
+                    "data.source 'sms' has no targets to generate; use 'spamassassin' "
+                    "(subject lines) or 'table' with data.prompt_column/data.response_column"
+                )
+            if self.model.padding_side != "left":
+                raise ValueError(
+                    "task 'generation' needs model.padding_side: left (prompts must end "
+                    "where generation starts in a batch)"
+                )
+        return self
 
     def config_hash(self) -> str:
         """sha256 of the canonical JSON (sorted keys, defaults included), 16 hex chars."""
@@ -203,6 +276,17 @@ class ExperimentConfig(_Frozen):
     def flat_params(self) -> dict[str, str]:
         """Dotted, flat params for MLflow (``train.lr`` ...), lined up across variants."""
         return {k: str(v) for k, v in dotted(self.model_dump(mode="json")).items()}
+
+
+# Task "generation" defaults, applied under whatever the config sets itself.
+GENERATION_DEFAULTS: dict[str, dict[str, Any]] = {
+    "model": {"name": "smollm2-135m", "padding_side": "left", "max_length": 256},
+    "tracking": {
+        "experiment": "peftflow-subjects",
+        "model_name": "subject-generator",
+        "promote_metric": "test_bleu",
+    },
+}
 
 
 def dotted(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -1,8 +1,11 @@
 """The one registry of fine-tuning methods.
 
 Each entry maps a name to a :class:`MethodSpec` whose ``apply`` turns a freshly
-built :class:`~peftflow.modeling.SequenceClassifier` into the model to train:
-either a peft wrapper or a module surgery that freezes/unfreezes parameters.
+built model into the model to train: either a peft wrapper or a module surgery
+that freezes/unfreezes parameters. The model is a
+:class:`~peftflow.modeling.SequenceClassifier` (task "classification": its new
+head always trains) or a transformers causal LM (task "generation": the tied
+output layer stays frozen).
 Listings (``peftflow methods``), docs and the test matrix derive from
 :data:`METHODS`; adding a method is adding one entry.
 """
@@ -19,7 +22,7 @@ from torch import nn
 from peftflow import peft_methods as peft_m
 from peftflow import surgery
 from peftflow.errors import ConfigError
-from peftflow.modeling import final_norm, transformer_blocks
+from peftflow.modeling import backbone_of, final_norm, transformer_blocks, unfreeze_task_head
 
 if TYPE_CHECKING:  # config validates method names against this registry at run time
     from peftflow.config import MethodConfig
@@ -32,6 +35,8 @@ class MethodSpec:
     trains: str  # human description of what receives gradients
     apply: Callable[[nn.Module, MethodConfig], nn.Module]
     families: frozenset[str] = frozenset({"encoder", "decoder"})
+    # classification: a SequenceClassifier (our head); generation: a causal LM
+    tasks: frozenset[str] = frozenset({"classification", "generation"})
     # merge_for_inference folds the trained weights into the base (peft merge_and_unload)
     mergeable: bool = False
     # refused with a ConfigError (before any work) where no CUDA GPU is visible
@@ -49,6 +54,7 @@ class MethodSpec:
             "family": self.family,
             "trains": self.trains,
             "model_families": sorted(self.families),
+            "tasks": sorted(self.tasks),
             "mergeable": self.mergeable,
             "requires_cuda": self.requires_cuda,
         }
@@ -71,7 +77,7 @@ def apply_full(model: nn.Module, cfg: MethodConfig) -> nn.Module:
 
 def apply_last_layer(model: nn.Module, cfg: MethodConfig) -> nn.Module:
     _freeze_all(model)
-    _unfreeze(model.head)
+    unfreeze_task_head(model)
     return model
 
 
@@ -91,7 +97,7 @@ def apply_last_n_blocks(model: nn.Module, cfg: MethodConfig) -> nn.Module:
 
 
 def _train_last_blocks(model: nn.Module, n_blocks: int) -> nn.Module:
-    blocks = transformer_blocks(model.backbone)
+    blocks = transformer_blocks(backbone_of(model))
     if n_blocks > len(blocks):
         raise ConfigError(
             f"method.n_blocks={n_blocks} but the model has only {len(blocks)} blocks; "
@@ -100,10 +106,10 @@ def _train_last_blocks(model: nn.Module, n_blocks: int) -> nn.Module:
     _freeze_all(model)
     for block in blocks[-n_blocks:]:
         _unfreeze(block)
-    norm = final_norm(model.backbone)
+    norm = final_norm(backbone_of(model))
     if norm is not None:
         _unfreeze(norm)
-    _unfreeze(model.head)
+    unfreeze_task_head(model)
     return model
 
 
@@ -111,7 +117,13 @@ METHODS: dict[str, MethodSpec] = {
     spec.name: spec
     for spec in (
         MethodSpec("full", "full", "every parameter", apply_full),
-        MethodSpec("last_layer", "selective", "classification head only", apply_last_layer),
+        MethodSpec(
+            "last_layer",
+            "selective",
+            "classification head only",
+            apply_last_layer,
+            tasks=frozenset({"classification"}),  # a causal LM's last layer is its tied vocab
+        ),
         MethodSpec(
             "last_block",
             "selective",
@@ -244,12 +256,13 @@ def list_methods() -> list[dict[str, object]]:
 def methods_markdown() -> str:
     """The README's methods table, generated from the registry (a test keeps them in sync)."""
     rows = [
-        "| name | family | trains | models | merges | needs CUDA |",
-        "|---|---|---|---|---|---|",
+        "| name | family | trains | models | tasks | merges | needs CUDA |",
+        "|---|---|---|---|---|---|---|",
     ]
     for spec in METHODS.values():
         rows.append(
             f"| `{spec.name}` | {spec.family} | {spec.trains} | {', '.join(sorted(spec.families))} "
+            f"| {', '.join(sorted(spec.tasks))} "
             f"| {'yes' if spec.mergeable else 'no'} | {'yes' if spec.requires_cuda else 'no'} |"
         )
     return "\n".join(rows)

@@ -1,11 +1,11 @@
-"""Saving and reloading trained classifiers so they come back exactly.
+"""Saving and reloading trained models (classifiers and generators) so they come back exactly.
 
 A saved model folder holds:
 
 - ``weights.safetensors``: only the tensors that were trained (the whole model
-  for ``full``, the head for ``last_layer``, LoRA matrices + head for ``lora``);
-- ``peftflow_model.json``: the experiment config, labels and a pinned reference
-  to the base weights (location + fingerprint);
+  for ``full``, the head for ``last_layer``, LoRA matrices (+ head) for ``lora``);
+- ``peftflow_model.json``: the experiment config (task included), labels and a
+  pinned reference to the base weights (location + fingerprint);
 - ``tokenizer/``: the tokenizer as used in training.
 
 Reloading rebuilds the base from its reference, refuses if the base weights'
@@ -37,15 +37,19 @@ FORMAT_VERSION = 1
 
 
 @dataclass
-class LoadedClassifier:
+class LoadedModel:
     model: nn.Module
     tokenizer: object
     config: ExperimentConfig
-    labels: list[str]
+    labels: list[str]  # [] for generators
     base: ResolvedModel
 
+    @property
+    def task(self) -> str:
+        return self.config.task
 
-def save_classifier(
+
+def save_model(
     model: nn.Module,
     tokenizer,
     config: ExperimentConfig,
@@ -59,7 +63,8 @@ def save_classifier(
         meta = {
             "format_version": FORMAT_VERSION,
             "config": config.model_dump(mode="json"),
-            "labels": list(config.data.labels),
+            "task": config.task,
+            "labels": list(config.data.labels) if config.task == "classification" else [],
             "base": base_reference(base, config),
         }
         (staging / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
@@ -76,7 +81,7 @@ def base_reference(base: ResolvedModel, config: ExperimentConfig) -> dict:
     return {**base.to_dict(), "weights": weights}
 
 
-def load_classifier(model_dir: Path, device: str = "cpu") -> LoadedClassifier:
+def load_model(model_dir: Path, device: str = "cpu") -> LoadedModel:
     """Rebuild base + method from the pinned reference and load the trained tensors."""
     model_dir = Path(model_dir)
     meta_path = model_dir / META_FILE
@@ -85,12 +90,12 @@ def load_classifier(model_dir: Path, device: str = "cpu") -> LoadedClassifier:
     meta = json.loads(meta_path.read_text())
     config = parse_config(meta["config"], source=str(meta_path))
     base = _pinned_base(meta["base"])
-    model = build_classifier(base, len(meta["labels"]), config.model, seed=config.seed)
+    tokenizer = load_tokenizer_from(model_dir / "tokenizer", config)
+    model = _base_model(base, config, tokenizer)
     model = apply_method(model, config.method, base.family)
     _load_trained_tensors(model, model_dir / WEIGHTS_FILE)
-    tokenizer = load_tokenizer_from(model_dir / "tokenizer", config)
     model.to(device).eval()
-    return LoadedClassifier(model, tokenizer, config, meta["labels"], base)
+    return LoadedModel(model, tokenizer, config, meta.get("labels", []), base)
 
 
 def _pinned_base(recorded: dict) -> ResolvedModel:
@@ -124,12 +129,33 @@ def load_tokenizer_from(folder: Path, config: ExperimentConfig):
 
 
 def build_for_training(config: ExperimentConfig) -> tuple[nn.Module, object, ResolvedModel]:
-    """Resolve the base, build classifier + tokenizer, apply the method."""
+    """Resolve the base, build the task's model + tokenizer, apply the method."""
     base = resolve_model(config.model.name, config.model.revision)
     tokenizer = load_tokenizer(base, config.model.padding_side)
-    model = build_classifier(base, len(config.data.labels), config.model, seed=config.seed)
-    # Keep the backbone's pad id consistent with the tokenizer (decoders pad with eos).
-    if getattr(model.backbone.config, "pad_token_id", None) is None:
-        model.backbone.config.pad_token_id = tokenizer.pad_token_id
+    model = _base_model(base, config, tokenizer)
     model = apply_method(model, config.method, base.family)
     return model, tokenizer, base
+
+
+def build_base(config: ExperimentConfig) -> tuple[nn.Module, object, ResolvedModel]:
+    """The untouched base of ``config`` (no method): the zero-shot baseline of a generator."""
+    base = resolve_model(config.model.name, config.model.revision)
+    tokenizer = load_tokenizer(base, config.model.padding_side)
+    return _base_model(base, config, tokenizer), tokenizer, base
+
+
+def _base_model(base: ResolvedModel, config: ExperimentConfig, tokenizer) -> nn.Module:
+    """A classifier over the backbone, or the causal LM, before any method is applied."""
+    if config.task == "generation":
+        from peftflow.causal_lm import build_causal_lm, check_method_fits
+
+        check_method_fits(config.method.name, base)
+        model = build_causal_lm(base, config.model, seed=config.seed)
+        config_with_pad = model.config
+    else:
+        model = build_classifier(base, len(config.data.labels), config.model, seed=config.seed)
+        config_with_pad = model.backbone.config
+    # Keep the model's pad id consistent with the tokenizer (decoders pad with eos).
+    if tokenizer is not None and getattr(config_with_pad, "pad_token_id", None) is None:
+        config_with_pad.pad_token_id = tokenizer.pad_token_id
+    return model

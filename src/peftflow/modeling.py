@@ -88,6 +88,31 @@ class SequenceClassifier(nn.Module):
         return self.head(self.dropout(pooled.to(self.head.weight.dtype)))
 
 
+def backbone_of(model: nn.Module) -> nn.Module:
+    """The transformer that produces hidden states, in a classifier or a causal LM.
+
+    ``base_model`` is transformers' own pointer (``LlamaForCausalLM.model``,
+    ``GPT2LMHeadModel.transformer``).
+    """
+    if isinstance(model, SequenceClassifier):
+        return model.backbone
+    return model.base_model
+
+
+def has_task_head(model: nn.Module) -> bool:
+    """Classifiers carry a new head that trains with every method; causal LMs do not.
+
+    A causal LM's output layer is tied to its input embeddings (the vocabulary),
+    which parameter-efficient methods leave frozen.
+    """
+    return isinstance(model, SequenceClassifier)
+
+
+def unfreeze_task_head(model: nn.Module) -> None:
+    if has_task_head(model):
+        model.head.requires_grad_(True)
+
+
 def default_pooling(family: str) -> Pooling:
     """Decoders see the whole text only at the last token; encoders see it everywhere."""
     return "last" if family == "decoder" else "mean"

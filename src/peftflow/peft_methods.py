@@ -1,6 +1,9 @@
-"""Methods implemented with the peft library, applied to a SequenceClassifier.
+"""Methods implemented with the peft library, applied to a SequenceClassifier or a causal LM.
 
-Two ways of wrapping, chosen by what peft needs:
+A causal LM (task "generation") is wrapped whole with ``task_type=CAUSAL_LM``:
+peft's own causal-LM wrapper, whose ``generate`` handles every method, virtual
+tokens included, and nothing but the method's tensors trains. A classifier
+is wrapped in one of two ways, chosen by what peft needs:
 
 - Weight-level methods (LoRA, DoRA, AdaLoRA, IA3, VeRA, LN tuning, QLoRA) wrap the
   whole classifier; ``modules_to_save=["head"]`` makes peft train and save a copy of
@@ -24,7 +27,7 @@ import torch
 from torch import nn
 
 from peftflow.errors import ConfigError
-from peftflow.modeling import transformer_blocks
+from peftflow.modeling import backbone_of, has_task_head, transformer_blocks
 
 if TYPE_CHECKING:
     from peftflow.config import MethodConfig
@@ -45,7 +48,16 @@ LN_TUNING_TARGETS: dict[str, tuple[str, ...]] = {
 
 
 def _model_type(model: nn.Module) -> str:
-    return model.backbone.config.model_type
+    return backbone_of(model).config.model_type
+
+
+def _task_settings(model: nn.Module) -> dict:
+    """Classifier: peft trains and saves a copy of our head. Causal LM: peft's CAUSAL_LM task."""
+    from peft import TaskType
+
+    if has_task_head(model):
+        return {"modules_to_save": ["head"]}
+    return {"task_type": TaskType.CAUSAL_LM}
 
 
 def _lora_targets(model: nn.Module, cfg: MethodConfig) -> list[str]:
@@ -66,7 +78,7 @@ def _lora_config(model: nn.Module, cfg: MethodConfig, **overrides):
         "lora_alpha": cfg.lora.alpha,
         "lora_dropout": cfg.lora.dropout,
         "target_modules": _lora_targets(model, cfg),
-        "modules_to_save": ["head"],
+        **_task_settings(model),
         "fan_in_fan_out": _model_type(model) == "gpt2",  # GPT-2's Conv1D stores W transposed
     }
     return LoraConfig(**{**settings, **overrides})
@@ -109,8 +121,8 @@ def apply_adalora(model: nn.Module, cfg: MethodConfig) -> nn.Module:
         lora_alpha=cfg.lora.alpha,
         lora_dropout=cfg.lora.dropout,
         target_modules=_lora_targets(model, cfg),
-        modules_to_save=["head"],
         fan_in_fan_out=_model_type(model) == "gpt2",
+        **_task_settings(model),
     )
     return get_peft_model(model, adalora)
 
@@ -170,7 +182,7 @@ def apply_ia3(model: nn.Module, cfg: MethodConfig) -> nn.Module:
     ia3 = IA3Config(
         target_modules=TARGETS[model_type],
         feedforward_modules=FEEDFORWARD[model_type],
-        modules_to_save=["head"],
+        **_task_settings(model),
         fan_in_fan_out=model_type == "gpt2",
     )
     return get_peft_model(model, ia3)
@@ -187,8 +199,8 @@ def apply_vera(model: nn.Module, cfg: MethodConfig) -> nn.Module:
     vera = VeraConfig(
         r=cfg.vera_r,
         target_modules=_lora_targets(model, cfg),
-        modules_to_save=["head"],
         fan_in_fan_out=_model_type(model) == "gpt2",
+        **_task_settings(model),
     )
     return get_peft_model(model, vera)
 
@@ -204,7 +216,7 @@ def apply_ln_tuning(model: nn.Module, cfg: MethodConfig) -> nn.Module:
             f"{', '.join(sorted(LN_TUNING_TARGETS))}"
         )
     ln_tuning = LNTuningConfig(
-        target_modules=list(LN_TUNING_TARGETS[model_type]), modules_to_save=["head"]
+        target_modules=list(LN_TUNING_TARGETS[model_type]), **_task_settings(model)
     )
     return get_peft_model(model, ln_tuning)
 
@@ -233,7 +245,7 @@ def apply_qlora(model: nn.Module, cfg: MethodConfig) -> nn.Module:
     from peft import get_peft_model
 
     require_cuda_for_qlora()
-    for block in transformer_blocks(model.backbone):
+    for block in transformer_blocks(backbone_of(model)):
         _quantize_linears(block, compute_dtype=torch.bfloat16)
     model.cuda()
     model.is_loaded_in_4bit = True  # how peft's LoRA picks its 4-bit layer type
@@ -278,8 +290,16 @@ def _nf4_linear(layer: nn.Module, compute_dtype: torch.dtype) -> nn.Module:
 # ------------------------------------------------------------ prompt learning
 
 
+def _prompt_task_type(model: nn.Module):
+    """Classifier: the backbone is a feature extractor; causal LM: the whole model."""
+    from peft import TaskType
+
+    return TaskType.FEATURE_EXTRACTION if has_task_head(model) else TaskType.CAUSAL_LM
+
+
 def _wrap_backbone(model: nn.Module, prompt_config, prepends_tokens: bool = False) -> nn.Module:
-    """peft on the backbone only (a feature extractor); the head stays ours and trainable.
+    """Classifier: peft on the backbone only (a feature extractor); the head stays ours and
+    trainable. Causal LM: peft on the whole model.
 
     Methods that prepend virtual tokens (prompt tuning, P-tuning) number positions
     themselves and drop explicit ``position_ids`` (with a warning), so the classifier
@@ -287,6 +307,8 @@ def _wrap_backbone(model: nn.Module, prompt_config, prepends_tokens: bool = Fals
     """
     from peft import get_peft_model
 
+    if not has_task_head(model):  # a causal LM: peft's CAUSAL_LM wrapper, generate() included
+        return get_peft_model(model, prompt_config)
     model.backbone = get_peft_model(model.backbone, prompt_config)  # freezes the backbone
     if prepends_tokens:
         model.positions_from_mask = False
@@ -302,10 +324,10 @@ def apply_prefix_tuning(model: nn.Module, cfg: MethodConfig) -> nn.Module:
     learned embeddings, the reparameterisation the paper uses for stable training.
     They enter as ``past_key_values``, so the hidden states keep T positions.
     """
-    from peft import PrefixTuningConfig, TaskType
+    from peft import PrefixTuningConfig
 
     prefix = PrefixTuningConfig(
-        task_type=TaskType.FEATURE_EXTRACTION,
+        task_type=_prompt_task_type(model),
         num_virtual_tokens=cfg.prompt.num_virtual_tokens,
         prefix_projection=True,
         encoder_hidden_size=cfg.prompt.encoder_hidden_size,
@@ -322,11 +344,11 @@ def apply_prompt_tuning(model: nn.Module, cfg: MethodConfig) -> nn.Module:
     "sampled vocab"): peft's unit-Gaussian RANDOM init lies far off the embedding
     scale (std ~0.02) and barely trains on small budgets.
     """
-    from peft import PromptTuningConfig, PromptTuningInit, TaskType
+    from peft import PromptTuningConfig, PromptTuningInit
 
     text_init = cfg.prompt.init == "text"
     prompt = PromptTuningConfig(
-        task_type=TaskType.FEATURE_EXTRACTION,
+        task_type=_prompt_task_type(model),
         num_virtual_tokens=cfg.prompt.num_virtual_tokens,
         prompt_tuning_init=PromptTuningInit.TEXT if text_init else PromptTuningInit.SAMPLE_VOCAB,
         prompt_tuning_init_text=cfg.prompt.init_text if text_init else None,
@@ -337,7 +359,7 @@ def apply_prompt_tuning(model: nn.Module, cfg: MethodConfig) -> nn.Module:
 
 def _tokenizer_location(model: nn.Module) -> str:
     """The folder the backbone came from; it holds the tokenizer peft loads for text init."""
-    location = getattr(model.backbone.config, "name_or_path", "")
+    location = getattr(backbone_of(model).config, "name_or_path", "")
     if not location:
         raise ConfigError(
             "method.prompt.init='text' needs the model's tokenizer, but the backbone does "
@@ -348,10 +370,10 @@ def _tokenizer_location(model: nn.Module) -> str:
 
 def apply_p_tuning(model: nn.Module, cfg: MethodConfig) -> nn.Module:
     """P-tuning (Liu et al. 2021): virtual tokens produced by an MLP prompt encoder."""
-    from peft import PromptEncoderConfig, TaskType
+    from peft import PromptEncoderConfig
 
     encoder = PromptEncoderConfig(
-        task_type=TaskType.FEATURE_EXTRACTION,
+        task_type=_prompt_task_type(model),
         num_virtual_tokens=cfg.prompt.num_virtual_tokens,
         encoder_hidden_size=cfg.prompt.encoder_hidden_size,
     )

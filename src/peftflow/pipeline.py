@@ -41,7 +41,7 @@ def ingest_stage(cfg: ExperimentConfig, root: Path, remote_url: str | None = Non
     """Fetch/parse the configured source into a DVC-tracked table; returns its md5."""
     from peftflow.data.ingest import ingest
 
-    result = ingest(cfg.data, Path(root), remote_url=remote_url)
+    result = ingest(cfg.data, Path(root), remote_url=remote_url, task=cfg.task)
     return {**asdict(result), "table_path": str(result.table_path)}
 
 
@@ -49,11 +49,22 @@ def _write_report(report, report_dir: Path) -> list[str]:
     return [str(path) for path in report.write(Path(report_dir))]
 
 
+def task_table(cfg: ExperimentConfig, table_path: str) -> pd.DataFrame:
+    """The ingested table as the task sees it: as is, or its (prompt, response) view."""
+    table = pd.read_parquet(table_path)
+    if cfg.task == "generation":
+        from peftflow.data.subjects import generation_examples
+
+        return generation_examples(table)
+    return table
+
+
 def validate_raw_stage(cfg: ExperimentConfig, table_path: str, report_dir: Path) -> dict:
     """Great Expectations raw-data suite; the report is written even when it fails."""
-    from peftflow.checks import validate_raw
+    from peftflow.checks import validate_generation_raw, validate_raw
 
-    report = validate_raw(pd.read_parquet(table_path), cfg.data)
+    check = validate_generation_raw if cfg.task == "generation" else validate_raw
+    report = check(task_table(cfg, table_path), cfg.data)
     paths = _write_report(report, report_dir)
     report.raise_if_failed()
     return {"success": report.success, "report_paths": paths}
@@ -61,23 +72,32 @@ def validate_raw_stage(cfg: ExperimentConfig, table_path: str, report_dir: Path)
 
 def split_stage(cfg: ExperimentConfig, table_path: str, data_md5: str, root: Path) -> dict:
     """Deterministic stratified split, written as parquet under outputs/splits/."""
-    from peftflow.split import split_dataset, split_summary
+    from peftflow import split as splitting
 
-    splits = split_dataset(pd.read_parquet(table_path), cfg.data.split, cfg.seed)
-    key = f"{data_md5}-{cfg.data.split.model_dump_json()}-{cfg.seed}"
+    table = task_table(cfg, table_path)
+    if cfg.task == "generation":
+        splits = splitting.split_generation(table, cfg.data.split, cfg.seed)
+        summary = splitting.generation_split_summary(splits)
+    else:
+        splits = splitting.split_dataset(table, cfg.data.split, cfg.seed)
+        summary = splitting.split_summary(splits)
+    key = f"{cfg.task}-{data_md5}-{cfg.data.split.model_dump_json()}-{cfg.seed}"
     out = outputs_dir(root) / "splits" / _short_hash(key)
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
     for name in SPLITS:
         paths[name] = str(out / f"{name}.parquet")
         splits[name].to_parquet(paths[name], index=False)
-    return {"paths": paths, "summary": split_summary(splits)}
+    return {"paths": paths, "summary": summary}
 
 
 def validate_splits_stage(split_paths: dict[str, str], report_dir: Path) -> dict:
-    from peftflow.checks import validate_splits
+    """Leakage suite; generation splits (prompt/response columns) get their own."""
+    from peftflow.checks import validate_generation_splits, validate_splits
 
-    report = validate_splits(load_splits(split_paths))
+    splits = load_splits(split_paths)
+    generation = all("response" in frame.columns for frame in splits.values())
+    report = (validate_generation_splits if generation else validate_splits)(splits)
     paths = _write_report(report, report_dir)
     report.raise_if_failed()
     return {"success": report.success, "report_paths": paths}
@@ -87,6 +107,8 @@ def tokenisation_stage(
     cfg: ExperimentConfig, split_paths: dict[str, str], report_dir: Path
 ) -> dict:
     """Second GE suite: token lengths vs max_length, truncation, pad token, padding side."""
+    if cfg.task == "generation":
+        return generation_tokenisation_stage(cfg, split_paths, report_dir)
     from peftflow.assets import resolve_model
     from peftflow.checks import validate_tokenisation
     from peftflow.modeling import check_model_knobs, load_tokenizer
@@ -108,6 +130,38 @@ def tokenisation_stage(
     # The truncation expectation already measured every length: reuse its stats.
     observed = next(r.observed for r in report.results if "token_lengths" in (r.observed or {}))
     return {"success": report.success, "report_paths": paths, **observed}
+
+
+def generation_tokenisation_stage(
+    cfg: ExperimentConfig, split_paths: dict[str, str], report_dir: Path
+) -> dict:
+    """Generation suite: prompt+response vs context, truncation, empty targets, template."""
+    from transformers import AutoConfig
+
+    from peftflow.assets import resolve_model
+    from peftflow.causal_lm import check_generation_knobs, check_method_fits
+    from peftflow.checks import validate_generation_tokenisation
+    from peftflow.generation_run import encode_splits
+    from peftflow.modeling import load_tokenizer
+
+    resolved = resolve_model(cfg.model.name, cfg.model.revision)
+    check_generation_knobs(cfg.model, resolved)  # refuse before any training work
+    check_method_fits(cfg.method.name, resolved)
+    tokenizer = load_tokenizer(resolved, cfg.model.padding_side)
+    fmt, encoded = encode_splits(cfg, tokenizer, load_splits(split_paths))
+    model_config = AutoConfig.from_pretrained(resolved.location, revision=resolved.revision)
+    report = validate_generation_tokenisation(
+        encoded,
+        fmt,
+        max_length=cfg.model.max_length,
+        max_new_tokens=cfg.generation.max_new_tokens,
+        context_length=getattr(model_config, "max_position_embeddings", None),
+        max_truncation_rate=cfg.model.max_truncation_rate,
+    )
+    paths = _write_report(report, report_dir)
+    report.raise_if_failed()
+    observed = next(r.observed for r in report.results if "token_lengths" in (r.observed or {}))
+    return {"success": report.success, "report_paths": paths, "template": fmt.template, **observed}
 
 
 def load_splits(split_paths: dict[str, str]) -> dict[str, pd.DataFrame]:
@@ -154,11 +208,14 @@ def train_stage(
     report_paths: list[str],
     root: Path,
     parent_run_id: str | None = None,
+    baseline: dict | None = None,
 ) -> dict:
     """Train + evaluate inside one MLflow run; save the model folder and check it reloads.
 
-    ``parent_run_id`` nests the run under another (a study's run) in the MLflow UI.
+    ``parent_run_id`` nests the run under another (a study's run) in the MLflow UI;
+    ``baseline`` (the baseline stage's result) lets a generator log its gain over zero-shot.
     """
+    from peftflow.generation_run import run_generation_training
     from peftflow.training_run import run_training
 
     uri = tracking_uri(cfg, root)
@@ -177,7 +234,11 @@ def train_stage(
         for path in report_paths:
             tracker.log_artifact(path, "data_checks")
         out_dir = outputs_dir(root) / "runs" / run_id
-        result = run_training(cfg, load_splits(split_paths), tracker, out_dir)
+        splits = load_splits(split_paths)
+        if cfg.task == "generation":
+            result = run_generation_training(cfg, splits, tracker, out_dir, baseline)
+        else:
+            result = run_training(cfg, splits, tracker, out_dir)
         tracker.set_tags(
             {"peftflow.model_dir": result["model_dir"], "peftflow.checks_passed": "true"}
         )
@@ -191,7 +252,12 @@ def baseline_stage(
     root: Path,
     parent_run_id: str | None = None,
 ) -> dict:
-    """TF-IDF + logistic regression on the same split, logged as its own run."""
+    """The task's baseline on the same split, logged as its own run (cached by its own key).
+
+    classification: TF-IDF + logistic regression; generation: the untouched base model.
+    """
+    if cfg.task == "generation":
+        return zero_shot_stage(cfg, split_paths, data_md5, root, parent_run_id)
     from peftflow.baseline import train_tfidf_baseline
     from peftflow.metrics import plot_confusion
 
@@ -226,6 +292,57 @@ def baseline_stage(
     return {"run_id": run_id, "run_key": key, "metrics": result.metrics, "cached": False}
 
 
+def zero_shot_key(cfg: ExperimentConfig, data_md5: str) -> str:
+    """Everything the zero-shot scores depend on: data, split, base, prompt, decoding, seed."""
+    parts = {
+        "data": cfg.data.model_dump(mode="json"),
+        "model": cfg.model.model_dump(mode="json"),
+        "generation": cfg.generation.model_dump(mode="json"),
+        "precision": cfg.train.precision,
+        "seed": cfg.seed,
+    }
+    return f"baseline-zero-shot-{_short_hash(json.dumps(parts, sort_keys=True))}-{data_md5}"
+
+
+def zero_shot_stage(
+    cfg: ExperimentConfig,
+    split_paths: dict[str, str],
+    data_md5: str,
+    root: Path,
+    parent_run_id: str | None = None,
+) -> dict:
+    """The untouched base model, scored exactly as fine-tuned runs are, as its own run."""
+    from peftflow.generation_run import PREDICTIONS_FILE, run_zero_shot
+
+    uri = tracking_uri(cfg, root)
+    experiment_id = ensure_experiment(cfg.tracking.experiment, uri, Path(root))
+    key = zero_shot_key(cfg, data_md5)
+    existing = find_finished_run(uri, cfg.tracking.experiment, key)
+    if existing:
+        cached = run_summary(cfg, existing, root)
+        path = outputs_dir(root) / "runs" / existing / PREDICTIONS_FILE
+        return {**cached, "run_key": key, "predictions_path": str(path)}
+    tags = {
+        **standard_tags(key, data_md5, key, Path(root)),
+        "peftflow.kind": "baseline",
+        "peftflow.method": "zero_shot",
+        "peftflow.task": cfg.task,
+        "peftflow.base_model": cfg.model.name,
+    }
+    with RunTracker(uri) as tracker:
+        run_id = tracker.start(
+            experiment_id,
+            "baseline-zero-shot",
+            tags,
+            cfg.flat_params(),
+            parent_run_id=parent_run_id,
+        )
+        result = run_zero_shot(
+            cfg, load_splits(split_paths), tracker, outputs_dir(root) / "runs" / run_id
+        )
+    return {"run_id": run_id, "run_key": key, "cached": False, **result}
+
+
 # --- registry -----------------------------------------------------------------
 
 
@@ -234,7 +351,10 @@ def register_stage(cfg: ExperimentConfig, run_id: str, model_dir: str, root: Pat
     from peftflow import pyfunc_entry_path
     from peftflow.registry import log_and_register_model
 
-    example = pd.DataFrame({"text": ["Subject: meeting\n\nSee you at 10 tomorrow."]})
+    if cfg.task == "generation":
+        example = pd.DataFrame({"text": ["Hi all, the build server is down until Monday. Sorry!"]})
+    else:
+        example = pd.DataFrame({"text": ["Subject: meeting\n\nSee you at 10 tomorrow."]})
     info = log_and_register_model(
         run_id,
         Path(model_dir),

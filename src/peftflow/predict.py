@@ -1,4 +1,4 @@
-"""Batch prediction with a reloaded classifier."""
+"""Batch prediction with a reloaded model: labels for classifiers, text for generators."""
 
 from __future__ import annotations
 
@@ -7,13 +7,11 @@ from collections.abc import Sequence
 import pandas as pd
 import torch
 
-from peftflow.model_io import LoadedClassifier
+from peftflow.model_io import LoadedModel
 from peftflow.training import encode, predict_logits
 
 
-def predict_texts(
-    loaded: LoadedClassifier, texts: Sequence[str], batch_size: int = 64
-) -> pd.DataFrame:
+def predict_texts(loaded: LoadedModel, texts: Sequence[str], batch_size: int = 64) -> pd.DataFrame:
     """One row per text: predicted ``label``, its ``score`` and one ``p_<label>`` per label."""
     config = loaded.config
     encoded = encode(loaded.tokenizer, texts, [0] * len(texts), config.model.max_length)
@@ -36,3 +34,22 @@ def predict_texts(
     for column, name in enumerate(loaded.labels):
         frame[f"p_{name}"] = probs[:, column].tolist() if len(texts) else []
     return frame
+
+
+def generate_for_texts(loaded: LoadedModel, texts: Sequence[str]) -> pd.DataFrame:
+    """One row per input text: the ``generated`` response (the run's prompt and decoding)."""
+    from peftflow.causal_lm import generate_texts
+    from peftflow.prompting import encode_generation, prompt_format
+
+    config = loaded.config
+    fmt = prompt_format(loaded.tokenizer, config.generation, config.model.max_length)
+    data = encode_generation(loaded.tokenizer, fmt, list(texts))
+    generated = generate_texts(
+        loaded.model,
+        loaded.tokenizer,
+        data,
+        config.generation,
+        precision=config.train.precision,
+        seed=config.seed,
+    )
+    return pd.DataFrame({"generated": generated})

@@ -6,6 +6,6 @@ unpickling a Python object: no pickle is involved in serving a model.
 
 import mlflow.models
 
-from peftflow.pyfunc import PeftflowClassifier
+from peftflow.pyfunc import PeftflowModel
 
-mlflow.models.set_model(PeftflowClassifier())
+mlflow.models.set_model(PeftflowModel())

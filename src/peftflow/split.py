@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pandas as pd
 
 from peftflow.config import SplitConfig
-from peftflow.errors import DataError
+from peftflow.errors import ConfigError, DataError
 
 SPLITS = ("train", "val", "test")
 REQUIRED_COLUMNS = ("id", "text", "label")
+GENERATION_REQUIRED_COLUMNS = ("id", "prompt", "response")
 # Kept in DataFrame.attrs so split_summary can report it without a side channel.
 DUPLICATES_ATTR = "duplicates_dropped"
 
@@ -160,6 +162,116 @@ def _proportional_quotas(counts: pd.Series, total: int) -> dict[str, int]:
     for label in by_remainder.index[:leftover]:
         quotas[label] += 1
     return {str(label): int(q) for label, q in quotas.items()}
+
+
+# --- generation ---------------------------------------------------------------
+
+
+def split_generation(df: pd.DataFrame, cfg: SplitConfig, seed: int) -> dict[str, pd.DataFrame]:
+    """Drop repeated prompts, then a seeded split that keeps each response in one split.
+
+    Rows sharing a normalised response (a mailing-list thread shares its subject)
+    go to the same split as a group; otherwise a test subject would be memorised
+    from train. val/test sizes follow the fractions approximately, by rows.
+    """
+    if cfg.balance_train:
+        raise ConfigError(
+            "data.split.balance_train balances classes and applies to task 'classification' "
+            "only; remove it (or set it to false) for task 'generation'"
+        )
+    _require_generation_input(df)
+    kept, n_dropped = _drop_repeated_prompts(df)
+    assignment = _assign_response_groups(kept, cfg, seed)
+    splits = {name: kept[assignment == name] for name in SPLITS}
+    _require_three_splits(splits, kept, cfg)
+    cap = cfg.max_train_examples
+    if cap is not None and len(splits["train"]) > cap:
+        splits["train"] = splits["train"].sample(n=cap, random_state=seed)
+    return {name: _finish(splits[name], name, n_dropped) for name in SPLITS}
+
+
+def generation_split_summary(splits: dict[str, pd.DataFrame]) -> dict:
+    """Rows and distinct (normalised) responses per split, plus duplicate prompts dropped."""
+    dropped = next((f.attrs.get(DUPLICATES_ATTR) for f in splits.values()), None)
+    return {
+        "duplicates_dropped": dropped,
+        "splits": {
+            name: {
+                "rows": len(frame),
+                "distinct_responses": int(frame["response"].map(normalise_text).nunique()),
+            }
+            for name, frame in splits.items()
+        },
+    }
+
+
+def _require_generation_input(df: pd.DataFrame) -> None:
+    missing = [c for c in GENERATION_REQUIRED_COLUMNS if c not in df.columns]
+    if missing:
+        raise DataError(
+            f"cannot split generation data: the table lacks column(s) {missing} "
+            f"(has {list(df.columns)}); build it with peftflow.data.subjects.generation_examples"
+        )
+    repeated = df.loc[df["id"].duplicated(), "id"].unique().tolist()
+    if repeated:
+        raise DataError(
+            f"cannot split deterministically: {len(repeated)} id(s) occur more than once "
+            f"(e.g. {repeated[:5]}); give every row a unique id"
+        )
+    for column in ("prompt", "response"):
+        if df[column].map(lambda value: not isinstance(value, str)).any():
+            raise DataError(
+                f"cannot split: some `{column}` values are missing or not strings; run the "
+                "generation raw-data checks (peftflow.checks.validate_generation_raw) and fix "
+                "the rows they list"
+            )
+
+
+def _drop_repeated_prompts(df: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """Keep the first row (by id) of each normalised prompt; returns ``(kept, n_dropped)``."""
+    ordered = df.sort_values("id", kind="stable").reset_index(drop=True)
+    repeated = ordered["prompt"].map(normalise_text).duplicated(keep="first")
+    kept = ordered[~repeated].reset_index(drop=True)
+    return kept, len(ordered) - len(kept)
+
+
+def _assign_response_groups(df: pd.DataFrame, cfg: SplitConfig, seed: int) -> pd.Series:
+    """The split name of every row; all rows of one normalised response share it.
+
+    Groups are visited in a seeded random order; a group joins test (then val)
+    while it fits that split's row target, else train. Large groups therefore end
+    up in train rather than overshooting a held-out split.
+    """
+    keys = df["response"].map(normalise_text)
+    sizes = keys.value_counts().sort_index()  # sorted first: independent of row order
+    order = np.random.default_rng(seed).permutation(len(sizes))
+    targets = {
+        "test": max(1, round(cfg.test_fraction * len(df))),
+        "val": max(1, round(cfg.val_fraction * len(df))),
+    }
+    filled = dict.fromkeys(targets, 0)
+    split_of: dict[str, str] = {}
+    for position in order:
+        key, size = sizes.index[position], int(sizes.iloc[position])
+        name = next((n for n in targets if filled[n] + size <= targets[n]), "train")
+        filled[name] = filled.get(name, 0) + size
+        split_of[key] = name
+    return keys.map(split_of)
+
+
+def _require_three_splits(
+    splits: dict[str, pd.DataFrame], kept: pd.DataFrame, cfg: SplitConfig
+) -> None:
+    empty = [name for name, frame in splits.items() if frame.empty]
+    if empty:
+        n_groups = kept["response"].map(normalise_text).nunique()
+        raise DataError(
+            f"too few examples to split generation data: {len(kept)} row(s) with distinct "
+            f"prompts and {n_groups} distinct response(s) left split(s) {empty} empty "
+            f"(val_fraction={cfg.val_fraction}, test_fraction={cfg.test_fraction}; rows "
+            "sharing a response stay together). Add examples with other responses or "
+            "raise val_fraction/test_fraction."
+        )
 
 
 def _finish(frame: pd.DataFrame, name: str, n_dropped: int) -> pd.DataFrame:

@@ -160,9 +160,21 @@ def plan_study(path: str | Path) -> StudyPlan:
     skipped: dict[str, str] = {}
     if study.all_methods:
         variants, skipped = _add_method_variants(study, base_path, variants)
+    _require_classification(study.name, variants)
     _require_shared_fields(study.name, variants)
     _require_reachable_models(study.name, variants)
     return StudyPlan(study, tuple(variants), skipped)
+
+
+def _require_classification(study_name: str, variants: list[StudyVariant]) -> None:
+    """The study report compares classifiers (F1, accuracy); generation variants run alone."""
+    generating = [v.name for v in variants if v.config.task != "classification"]
+    if generating:
+        raise ConfigError(
+            f"study {study_name}: variants {generating} have task 'generation', but studies "
+            "compare classification variants; run generation configs one by one with "
+            "`peftflow run --config FILE` and compare them in the MLflow UI"
+        )
 
 
 def _resolve_base(base: str, study_path: Path) -> Path:

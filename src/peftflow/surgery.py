@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from peftflow.errors import ConfigError
-from peftflow.modeling import transformer_blocks
+from peftflow.modeling import backbone_of, transformer_blocks, unfreeze_task_head
 from peftflow.peft_methods import apply_prefix_tuning
 
 if TYPE_CHECKING:
@@ -144,24 +144,26 @@ def _bottleneck_like(reference: nn.Module, hidden_size: int, settings: AdapterSe
 
 def apply_bitfit(model: nn.Module, cfg: MethodConfig) -> nn.Module:
     """BitFit (Ben Zaken et al. 2021): train every bias term of the backbone + the head."""
-    biases = [p for name, p in model.backbone.named_parameters() if name.endswith("bias")]
+    backbone = backbone_of(model)
+    biases = [p for name, p in backbone.named_parameters() if name.endswith("bias")]
     if not biases:
         raise ConfigError(
-            f"method 'bitfit' trains only bias terms, but this {model.backbone.config.model_type} "
+            f"method 'bitfit' trains only bias terms, but this {backbone.config.model_type} "
             "model has none (Llama-style linear layers and RMSNorm are bias-free); "
             "use ln_tuning (norm weights) or lora instead"
         )
     model.requires_grad_(False)
     for bias in biases:
         bias.requires_grad_(True)
-    model.head.requires_grad_(True)
+    unfreeze_task_head(model)
     return model
 
 
 def apply_bottleneck_adapter(model: nn.Module, cfg: MethodConfig) -> nn.Module:
     """Serial adapters: after attention and MLP (houlsby) or after the MLP only (pfeiffer)."""
-    paths = sublayer_paths(model.backbone, cfg.name)
-    hidden_size = model.backbone.config.hidden_size
+    backbone = backbone_of(model)
+    paths = sublayer_paths(backbone, cfg.name)
+    hidden_size = backbone.config.hidden_size
     targets = [paths.mlp_out]
     if cfg.adapter.placement == "houlsby":
         targets.insert(0, paths.attention_out)
@@ -170,17 +172,18 @@ def apply_bottleneck_adapter(model: nn.Module, cfg: MethodConfig) -> nn.Module:
     def wrap(projection: nn.Module) -> nn.Module:
         return SerialAdapter(projection, _bottleneck_like(projection, hidden_size, cfg.adapter))
 
-    for block in transformer_blocks(model.backbone):
+    for block in transformer_blocks(backbone):
         for path in targets:
             _replace(block, path, wrap)
-    model.head.requires_grad_(True)
+    unfreeze_task_head(model)
     return model
 
 
 def apply_parallel_adapter(model: nn.Module, cfg: MethodConfig) -> nn.Module:
     """One bottleneck parallel to each block's MLP, its output scaled by method.adapter.scaling."""
-    paths = sublayer_paths(model.backbone, cfg.name)
-    hidden_size = model.backbone.config.hidden_size
+    backbone = backbone_of(model)
+    paths = sublayer_paths(backbone, cfg.name)
+    hidden_size = backbone.config.hidden_size
     parallel = ParallelAdapterBeforeResidual if paths.mlp_adds_residual else ParallelAdapter
     model.requires_grad_(False)  # before insertion: the new adapters stay trainable
 
@@ -188,9 +191,9 @@ def apply_parallel_adapter(model: nn.Module, cfg: MethodConfig) -> nn.Module:
         adapter = _bottleneck_like(mlp, hidden_size, cfg.adapter)
         return parallel(mlp, adapter, cfg.adapter.scaling)
 
-    for block in transformer_blocks(model.backbone):
+    for block in transformer_blocks(backbone):
         _replace(block, paths.mlp, wrap)
-    model.head.requires_grad_(True)
+    unfreeze_task_head(model)
     return model
 
 

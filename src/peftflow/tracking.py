@@ -220,6 +220,10 @@ class RunTracker:
         """Write ``obj`` as a JSON (or YAML, by extension) artifact named ``file``."""
         self.client.log_dict(self._require_open_run(), obj, file)
 
+    def log_table(self, frame: Any, file: str) -> None:
+        """A DataFrame as an MLflow table artifact (``file`` ends in .json), shown in the UI."""
+        self.client.log_table(self._require_open_run(), data=frame, artifact_file=file)
+
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Add or overwrite tags (e.g. gate results the registry checks before promotion)."""
         entries = [RunTag(key, _truncate(value, MAX_TAG_VAL_LENGTH)) for key, value in tags.items()]

@@ -247,6 +247,56 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+@dataclass(frozen=True)
+class Objective:
+    """What the loop minimises and how it scores an epoch, for one task.
+
+    ``loss_units(idx)`` is what a step's loss is averaged over (examples for
+    classification, target tokens for generation); it is known before any forward
+    pass, so micro-batches of any size can be weighted exactly.
+    ``summed_loss(model, idx, device)`` is a micro-batch's loss summed over those
+    units. ``validate(model)`` returns the epoch's validation metrics, among them
+    ``best_metric``.
+    """
+
+    lengths: list[int]  # tokens per training example (batch grouping, throughput)
+    loss_units: Callable[[Sequence[int]], int]
+    summed_loss: Callable[[nn.Module, Sequence[int], torch.device], torch.Tensor]
+    validate: Callable[[nn.Module], dict[str, float]]
+    best_metric: str
+    higher_is_better: bool = True
+
+    def improves(self, value: float, best: float | None) -> bool:
+        if best is None:
+            return True
+        return value > best if self.higher_is_better else value < best
+
+
+def classification_objective(
+    train: EncodedSplit, val: EncodedSplit, cfg: ExperimentConfig, pad_id: int
+) -> Objective:
+    """Cross-entropy of the labels, averaged over examples; the best epoch has the top val F1."""
+    padding = train_padding(cfg, train, pad_id)
+    precision = cfg.train.precision
+
+    def summed_loss(model: nn.Module, idx: Sequence[int], device: torch.device) -> torch.Tensor:
+        ids, mask, labels = padding.collate(train, idx)
+        with autocast(device, precision):
+            logits = model(ids.to(device), mask.to(device))  # [B, C]
+        return nn.functional.cross_entropy(logits.float(), labels.to(device), reduction="sum")
+
+    def validate(model: nn.Module) -> dict[str, float]:
+        return evaluate_split(model, val, cfg, pad_id, prefix="val_")[0]
+
+    return Objective(
+        lengths=[len(ids) for ids in train.input_ids],
+        loss_units=len,
+        summed_loss=summed_loss,
+        validate=validate,
+        best_metric="val_f1",
+    )
+
+
 def train_classifier(
     model: nn.Module,
     train: EncodedSplit,
@@ -256,53 +306,58 @@ def train_classifier(
     on_epoch: EpochCallback | None = None,
 ) -> TrainOutcome:
     """Train for ``cfg.train.epochs``, evaluating on ``val`` after every epoch."""
+    return train_model(model, classification_objective(train, val, cfg, pad_id), cfg, on_epoch)
+
+
+def train_model(
+    model: nn.Module, objective: Objective, cfg: ExperimentConfig, on_epoch: EpochCallback | None
+) -> TrainOutcome:
+    """Train for ``cfg.train.epochs``; keep the weights of the best validation epoch."""
     tc = cfg.train
-    if len(train) == 0:
+    if not objective.lengths:
         raise TrainingError("the train split is empty; check data.split fractions and the data")
     set_seed(cfg.seed)
     device = pick_device(tc.device)
     if tc.threads:
         torch.set_num_threads(tc.threads)
     model.to(device)
-    steps_per_epoch = math.ceil(len(train) / (tc.batch_size * tc.grad_accum_steps))
+    n_train = len(objective.lengths)
+    steps_per_epoch = math.ceil(n_train / (tc.batch_size * tc.grad_accum_steps))
     optimizer = make_optimizer(model, tc, device)
     scheduler = make_scheduler(optimizer, tc, steps_per_epoch * tc.epochs)
     method = METHODS[cfg.method.name]
     if method.prepare_training is not None:  # e.g. AdaLoRA's rank-budget schedule
         method.prepare_training(model, cfg.method, steps_per_epoch * tc.epochs)
     outcome = TrainOutcome(device=str(device))
-    best_f1, best_state = -1.0, None
+    best, best_state = None, None
     started = time.perf_counter()
     for epoch in range(1, tc.epochs + 1):
-        train_loss = _run_epoch(model, train, cfg, pad_id, optimizer, scheduler, device, epoch)
-        metrics, _ = evaluate_split(model, val, cfg, pad_id, prefix="val_")
-        metrics = {"epoch": float(epoch), "train_loss": train_loss, **metrics}
+        train_loss = _run_epoch(model, objective, cfg, optimizer, scheduler, device, epoch)
+        metrics = {"epoch": float(epoch), "train_loss": train_loss, **objective.validate(model)}
         outcome.history.append(metrics)
         if on_epoch:
             on_epoch(epoch, metrics)
-        if metrics["val_f1"] > best_f1:
-            best_f1, outcome.best_epoch = metrics["val_f1"], epoch
+        if objective.improves(metrics[objective.best_metric], best):
+            best, outcome.best_epoch = metrics[objective.best_metric], epoch
             best_state = trained_state(model) if tc.restore_best_epoch else None
     outcome.train_seconds = time.perf_counter() - started
     if best_state is not None and outcome.best_epoch != tc.epochs:
         model.load_state_dict(best_state, strict=False)
-    outcome.examples_per_second = len(train) * tc.epochs / outcome.train_seconds
-    outcome.tokens_per_second = train.n_tokens * tc.epochs / outcome.train_seconds
+    outcome.examples_per_second = n_train * tc.epochs / outcome.train_seconds
+    outcome.tokens_per_second = sum(objective.lengths) * tc.epochs / outcome.train_seconds
     outcome.peak_memory_mb = peak_memory_mb(device)
     return outcome
 
 
-def _run_epoch(model, train, cfg, pad_id, optimizer, scheduler, device, epoch) -> float:
-    """One pass over ``train``; returns the mean loss. Raises on a non-finite loss."""
+def _run_epoch(model, objective: Objective, cfg, optimizer, scheduler, device, epoch) -> float:
+    """One pass over the training data; returns the mean loss. Raises on a non-finite loss."""
     tc = cfg.train
     model.train()
-    lengths = [len(ids) for ids in train.input_ids]
     # Length grouping saves compute only when a batch is padded to its own longest;
     # under a fixed width, or no padding, it would only make batches less random.
     grouped = tc.group_by_length and cfg.model.padding == "longest"
-    batches = batch_order(lengths, tc.batch_size, cfg.seed, epoch, grouped)
+    batches = batch_order(objective.lengths, tc.batch_size, cfg.seed, epoch, grouped)
     steps = optimizer_steps(batches, tc.grad_accum_steps, unpadded=cfg.model.padding == "none")
-    padding = train_padding(cfg, train, pad_id)
     trainable = [p for p in model.parameters() if p.requires_grad]
     method = METHODS[cfg.method.name]
     hook = method.after_optimizer_step  # e.g. AdaLoRA's rank re-allocation
@@ -310,9 +365,7 @@ def _run_epoch(model, train, cfg, pad_id, optimizer, scheduler, device, epoch) -
     losses = []
     bar = tqdm(steps, desc=f"epoch {epoch}/{tc.epochs}", disable=not tc.progress, leave=False)
     for step, micro_batches in enumerate(bar, start=1):
-        losses.append(
-            _accumulate_gradients(model, train, micro_batches, padding, device, tc.precision)
-        )
+        losses.append(_accumulate_gradients(model, objective, micro_batches, device))
         if method.extra_loss:  # a function of the weights only: once per optimizer step
             method.extra_loss(model).backward()
         _optimizer_step(trainable, optimizer, scheduler, tc.max_grad_norm, after_step)
@@ -325,27 +378,23 @@ def _run_epoch(model, train, cfg, pad_id, optimizer, scheduler, device, epoch) -
 
 def _accumulate_gradients(
     model: nn.Module,
-    data: EncodedSplit,
+    objective: Objective,
     micro_batches: list[list[int]],
-    padding: Padding,
     device: torch.device,
-    precision: str,
 ) -> torch.Tensor:
     """Forward + backward every micro-batch of one optimizer step; returns the step's mean loss.
 
-    Each micro-batch adds its summed loss divided by the step's example count, so
-    the accumulated gradient is the mean over the step's examples whatever the
-    micro-batch sizes (one example each under padding "none", a short last batch).
+    Each micro-batch adds its summed loss divided by the step's loss units (examples
+    or target tokens), so the accumulated gradient is the mean over the whole step
+    whatever the micro-batch sizes (one example each under padding "none", a short
+    last batch).
     """
-    n_examples = sum(len(idx) for idx in micro_batches)
+    units = sum(objective.loss_units(idx) for idx in micro_batches)
     step_loss = torch.zeros((), device=device)
     for idx in micro_batches:
-        ids, mask, labels = padding.collate(data, idx)
-        with autocast(device, precision):
-            logits = model(ids.to(device), mask.to(device))  # [B, C]
-        loss = nn.functional.cross_entropy(logits.float(), labels.to(device), reduction="sum")
-        (loss / n_examples).backward()
-        step_loss += loss.detach() / n_examples
+        loss = objective.summed_loss(model, idx, device) / max(units, 1)
+        loss.backward()
+        step_loss += loss.detach()
     return step_loss
 
 

@@ -13,11 +13,18 @@ from peftflow.metrics import confusion, plot_confusion
 from peftflow.model_io import (
     base_reference,
     build_for_training,
-    load_classifier,
-    save_classifier,
+    load_model,
+    save_model,
 )
 from peftflow.modeling import count_parameters
-from peftflow.training import EncodedSplit, encode, evaluate_split, predict_logits, train_classifier
+from peftflow.training import (
+    EncodedSplit,
+    TrainOutcome,
+    encode,
+    evaluate_split,
+    predict_logits,
+    train_classifier,
+)
 
 RELOAD_CHECK_EXAMPLES = 32
 RELOAD_ATOL = 1e-4
@@ -42,6 +49,25 @@ def run_training(
     """Everything between 'data is checked' and 'model folder verified', logged to ``tracker``."""
     model, tokenizer, base = build_for_training(cfg)
     trainable, total = count_parameters(model)
+    log_base_reference(tracker, base, cfg)
+    encoded = encode_splits(cfg, tokenizer, splits)
+    pad_id = tokenizer.pad_token_id
+    log_epoch = epoch_logger(tracker)
+    outcome = train_classifier(model, encoded["train"], encoded["val"], cfg, pad_id, log_epoch)
+    tracker.set_tags({"peftflow.device": outcome.device})
+    final = _final_metrics(model, encoded, cfg, pad_id, out_dir, tracker)
+    final.update(outcome_metrics(trainable, total, outcome))
+    tracker.log_metrics(final)
+    tracker.log_dict({"history": outcome.history}, "history.json")
+    model_dir = save_model(model, tokenizer, cfg, base, out_dir / "model")
+    verify_reload(model, encoded["test"], model_dir, pad_id, cfg)
+    tracker.set_tags({"peftflow.reload_check": "passed"})
+    tracker.log_artifact(model_dir, "model_folder")
+    return {"metrics": final, "model_dir": str(model_dir), "history": outcome.history}
+
+
+def log_base_reference(tracker, base, cfg: ExperimentConfig) -> None:
+    """Where the base weights came from, pinned by fingerprint (tags) and location (params)."""
     tracker.set_tags(
         {
             "peftflow.base_fingerprint": base.fingerprint,
@@ -50,36 +76,29 @@ def run_training(
         }
     )
     tracker.log_params({"base.location": base.location, "base.package": base.package_version or ""})
-    encoded = encode_splits(cfg, tokenizer, splits)
-    pad_id = tokenizer.pad_token_id
+
+
+def epoch_logger(tracker):
+    """Curves live under epoch/...; the un-prefixed names hold the final (best-epoch) values."""
 
     def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
-        # Curves live under epoch/...; the un-prefixed names hold the final (best-epoch) values.
-        curves = {f"epoch/{k}": v for k, v in metrics.items() if k != "epoch"}
-        tracker.log_metrics(curves, step=epoch)
+        tracker.log_metrics({f"epoch/{k}": v for k, v in metrics.items() if k != "epoch"}, epoch)
 
-    outcome = train_classifier(model, encoded["train"], encoded["val"], cfg, pad_id, log_epoch)
-    tracker.set_tags({"peftflow.device": outcome.device})
-    final = _final_metrics(model, encoded, cfg, pad_id, out_dir, tracker)
-    final.update(
-        {
-            "trainable_params": float(trainable),
-            "total_params": float(total),
-            "trainable_percent": 100.0 * trainable / total,
-            "train_seconds": outcome.train_seconds,
-            "train_examples_per_second": outcome.examples_per_second,
-            "train_tokens_per_second": outcome.tokens_per_second,
-            "peak_memory_mb": outcome.peak_memory_mb,
-            "best_epoch": float(outcome.best_epoch),
-        }
-    )
-    tracker.log_metrics(final)
-    tracker.log_dict({"history": outcome.history}, "history.json")
-    model_dir = save_classifier(model, tokenizer, cfg, base, out_dir / "model")
-    verify_reload(model, encoded["test"], model_dir, pad_id, cfg)
-    tracker.set_tags({"peftflow.reload_check": "passed"})
-    tracker.log_artifact(model_dir, "model_folder")
-    return {"metrics": final, "model_dir": str(model_dir), "history": outcome.history}
+    return log_epoch
+
+
+def outcome_metrics(trainable: int, total: int, outcome: TrainOutcome) -> dict[str, float]:
+    """Size, speed and memory of a training run: the same names for every task."""
+    return {
+        "trainable_params": float(trainable),
+        "total_params": float(total),
+        "trainable_percent": 100.0 * trainable / total,
+        "train_seconds": outcome.train_seconds,
+        "train_examples_per_second": outcome.examples_per_second,
+        "train_tokens_per_second": outcome.tokens_per_second,
+        "peak_memory_mb": outcome.peak_memory_mb,
+        "best_epoch": float(outcome.best_epoch),
+    }
 
 
 def _final_metrics(model, encoded, cfg, pad_id, out_dir: Path, tracker) -> dict[str, float]:
@@ -108,7 +127,7 @@ def verify_reload(
     )
     args = (cfg.train.eval_batch_size, pad_id, cfg.model.padding_side, cfg.train.precision)
     expected = predict_logits(model, sample, *args)
-    reloaded = load_classifier(model_dir, device=str(next(model.parameters()).device))
+    reloaded = load_model(model_dir, device=str(next(model.parameters()).device))
     actual = predict_logits(reloaded.model, sample, *args)
     if not torch.allclose(expected, actual, atol=RELOAD_ATOL):
         worst = (expected - actual).abs().max().item()

@@ -40,17 +40,19 @@ def ingest(
     cache_dir: Path | None = None,
     remote_url: str | None = None,
     push: bool = True,
+    task: str = "classification",
 ) -> IngestResult:
     """Load the configured source, write it under ``root/cfg.data_dir`` and version it with DVC.
 
     Everything that can fail (loading, writing, DVC setup) happens before the new
     files replace the old ones, so a failed ingest leaves the previous data and
-    its ``.dvc`` file untouched.
+    its ``.dvc`` file untouched. ``task`` picks the table layout (see
+    :func:`~peftflow.data.loaders.load_dataset`).
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    table = load_dataset(cfg, cache_dir or root / ".cache" / "peftflow")
-    label_counts = {str(k): int(v) for k, v in sorted(table["label"].value_counts().items())}
+    table = load_dataset(cfg, cache_dir or root / ".cache" / "peftflow", task=task)
+    label_counts = _label_counts(table)
     data_dir = root / cfg.data_dir
     # Staged under root (not data_dir) so a crash never leaves stray files inside
     # the DVC-tracked folder; same filesystem, so os.replace is atomic.
@@ -70,6 +72,13 @@ def ingest(
         label_counts=label_counts,
         source=cfg.source,
     )
+
+
+def _label_counts(table: pd.DataFrame) -> dict[str, int]:
+    """Rows per label; {} for a table without labels (a prompt/response table)."""
+    if "label" not in table.columns:
+        return {}
+    return {str(k): int(v) for k, v in sorted(table["label"].value_counts().items())}
 
 
 def _manifest(cfg: DataConfig, table: pd.DataFrame, label_counts: dict[str, int]) -> dict:

@@ -17,7 +17,8 @@ import pandas as pd
 from peftflow.config import DataConfig
 from peftflow.data.schema import make_table
 from peftflow.data.spamassassin import fetch_spamassassin, load_spamassassin
-from peftflow.errors import DataError
+from peftflow.data.subjects import GENERATION_COLUMNS
+from peftflow.errors import ConfigError, DataError
 
 SMS_ZIP_MEMBER = "SMSSpamCollection"
 SMS_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
@@ -28,10 +29,23 @@ TABLE_READERS = {
     ".json": lambda path: pd.read_json(path, dtype=False),
 }
 _MAX_LISTED = 10  # bad rows/lines named in an error message
+TASKS = ("classification", "generation")
+_CLASSIFICATION_FIELDS = "data.text_column / data.label_column"
+_GENERATION_FIELDS = "data.prompt_column / data.response_column"
 
 
-def load_dataset(cfg: DataConfig, cache_dir: Path) -> pd.DataFrame:
-    """Load the configured source as the standard table (no label/duplicate checks here)."""
+def load_dataset(cfg: DataConfig, cache_dir: Path, task: str = "classification") -> pd.DataFrame:
+    """Load the configured source as one table (no label/duplicate checks here).
+
+    Every source gives the standard classification table, except a user's table
+    for task "generation", which gives :data:`GENERATION_COLUMNS`. SpamAssassin
+    stays in the classification schema for both tasks: the subject-line view is
+    derived later (``generation_examples``), so both tasks share one data version.
+    """
+    if task not in TASKS:
+        raise ConfigError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
+    if task == "generation" and cfg.source == "table":
+        return load_generation_table(cfg.path, cfg.prompt_column, cfg.response_column)
     if cfg.source == "spamassassin":
         return load_spamassassin(fetch_spamassassin(Path(cache_dir)))
     if cfg.source == "sms":
@@ -65,6 +79,43 @@ def load_sms_collection(path_or_url: str) -> pd.DataFrame:
 def load_table(path: str | Path, text_column: str, label_column: str) -> pd.DataFrame:
     """A user's .csv/.parquet/.jsonl/.json file with named text and label columns."""
     path = Path(path)
+    frame = _read_user_table(path)
+    _require_columns(frame, path, (text_column, label_column), _CLASSIFICATION_FIELDS)
+    texts, labels = frame[text_column], frame[label_column]
+    _reject_missing(path, texts.isna() | labels.isna(), "text or label")
+    return make_table(
+        _row(f"row-{number:06d}", str(text), str(label), path.name)
+        for number, (text, label) in enumerate(zip(texts, labels, strict=True), start=1)
+    )
+
+
+def load_generation_table(
+    path: str | Path, prompt_column: str, response_column: str
+) -> pd.DataFrame:
+    """A user's instruction/response (or document/summary) file as :data:`GENERATION_COLUMNS`.
+
+    Ids are ``row-NNNNNN`` by file row, as :func:`load_table` makes them; rows are
+    sorted by id, so the written file depends only on the content.
+    """
+    path = Path(path)
+    frame = _read_user_table(path)
+    _require_columns(frame, path, (prompt_column, response_column), _GENERATION_FIELDS)
+    prompts, responses = frame[prompt_column], frame[response_column]
+    _reject_missing(path, prompts.isna() | responses.isna(), "prompt or response")
+    table = pd.DataFrame(
+        {
+            "id": [f"row-{number:06d}" for number in range(1, len(frame) + 1)],
+            "prompt": prompts.astype(str).to_numpy(),
+            "response": responses.astype(str).to_numpy(),
+            "source": path.name,
+        },
+        columns=list(GENERATION_COLUMNS),
+    )
+    table = table.astype({column: "str" for column in GENERATION_COLUMNS})
+    return table.sort_values("id", kind="stable").reset_index(drop=True)
+
+
+def _read_user_table(path: Path) -> pd.DataFrame:
     reader = TABLE_READERS.get(path.suffix.lower())
     if reader is None:
         raise DataError(
@@ -74,18 +125,11 @@ def load_table(path: str | Path, text_column: str, label_column: str) -> pd.Data
     if not path.is_file():
         raise DataError(f"data file {path} does not exist; set data.path to an existing file")
     try:
-        frame = reader(path)
+        return reader(path)
     except (ValueError, OSError, pd.errors.ParserError) as err:
         raise DataError(
             f"could not read {path}: {err}; check that it is a valid {path.suffix} file"
         ) from err
-    _require_columns(frame, path, text_column, label_column)
-    texts, labels = frame[text_column], frame[label_column]
-    _reject_missing(path, texts.isna() | labels.isna())
-    return make_table(
-        _row(f"row-{number:06d}", str(text), str(label), path.name)
-        for number, (text, label) in enumerate(zip(texts, labels, strict=True), start=1)
-    )
 
 
 def _row(row_id: str, text: str, label: str, source: str) -> dict[str, str]:
@@ -133,21 +177,23 @@ def _decode_text(raw: bytes) -> str:
         return raw.decode("latin-1")
 
 
-def _require_columns(frame: pd.DataFrame, path: Path, *columns: str) -> None:
+def _require_columns(
+    frame: pd.DataFrame, path: Path, columns: tuple[str, ...], fields: str
+) -> None:
     missing = [column for column in columns if column not in frame.columns]
     if missing:
         raise DataError(
             f"{path} has no column(s) {missing}; available columns: {list(frame.columns)}; "
-            "set data.text_column / data.label_column to the right names"
+            f"set {fields} to the right names"
         )
 
 
-def _reject_missing(path: Path, missing: pd.Series) -> None:
-    """A null text or label would silently become the string "nan": refuse it."""
+def _reject_missing(path: Path, missing: pd.Series, what: str) -> None:
+    """A null value would silently become the string "nan": refuse it."""
     if missing.any():
         rows = [int(position) + 1 for position in missing.to_numpy().nonzero()[0]]
         raise DataError(
-            f"{path}: {len(rows)} row(s) have an empty text or label (data row "
+            f"{path}: {len(rows)} row(s) have an empty {what} (data row "
             f"{_list_some(rows)}); fill or drop them"
         )
 
