@@ -174,6 +174,17 @@ def test_sampling_is_seeded(tiny_causal_lms):
     assert generate_ids(*args, seed=1) != generate_ids(*args, seed=2)
 
 
+@pytest.mark.parametrize("method", ["lora", "prefix_tuning"])
+def test_beam_search_decodes_within_the_new_token_budget(method, tiny_causal_lms):
+    cfg = gen_config(tiny_causal_lms["llama"], method)
+    model, tokenizer, _ = build_for_training(cfg)
+    data = encoded(tokenizer, cfg, with_targets=False)
+    beams = GenerationConfig(num_beams=3, max_new_tokens=5, eval_batch_size=2)
+    out = generate_ids(model, data, beams, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    assert len(out) == len(data) and all(len(ids) <= 5 for ids in out)
+    assert tokenizer.eos_token_id not in sum(out, [])  # cut at the end id
+
+
 def test_postprocess_keeps_the_first_line_and_drops_a_label():
     gen = GenerationConfig()
     assert postprocess("\n Subject: Budget review\nmore text", gen) == "Budget review"

@@ -465,21 +465,7 @@ def validate_splits(splits: dict[str, pd.DataFrame]) -> CheckReport:
     rows = _split_rows(splits)
     labels = sorted(rows["label"].dropna().astype(str).unique())
     row_checks = [
-        _Check(
-            gxe.ExpectColumnDistinctValuesToEqualSet(
-                column="split",
-                value_set=list(SPLITS),
-                description=f"non-empty splits {list(SPLITS)}",
-            ),
-            fix="re-run the split step: a split is missing or empty",
-            observed={"rows": {name: len(frame) for name, frame in splits.items()}},
-        ),
-        _Check(
-            gxe.ExpectColumnValuesToBeUnique(
-                column="id", description="every id in exactly one split"
-            ),
-            fix="re-run the split step on a table with unique ids; the listed ids repeat",
-        ),
+        *_split_presence_checks(splits),
         _Check(
             gxe.ExpectColumnValuesToBeNull(
                 column="shared_with",
@@ -793,13 +779,11 @@ def _text_column_checks(column: str, why_empty_is_bad: str) -> list[_Check]:
 # --- generation: split leakage --------------------------------------------------------
 
 
-def validate_generation_splits(splits: dict[str, pd.DataFrame]) -> CheckReport:
-    """Suite ``generation_split_leakage``: non-empty splits, no prompt or response shared."""
+def _split_presence_checks(splits: dict[str, pd.DataFrame]) -> list[_Check]:
+    """All three splits non-empty, and every id in exactly one of them (both task suites)."""
     from great_expectations import expectations as gxe
 
-    _require_split_columns(splits, ("id", "prompt", "response"))
-    rows = _generation_split_rows(splits)
-    checks = [
+    return [
         _Check(
             gxe.ExpectColumnDistinctValuesToEqualSet(
                 column="split",
@@ -815,6 +799,17 @@ def validate_generation_splits(splits: dict[str, pd.DataFrame]) -> CheckReport:
             ),
             fix="re-run the split step on a table with unique ids; the listed ids repeat",
         ),
+    ]
+
+
+def validate_generation_splits(splits: dict[str, pd.DataFrame]) -> CheckReport:
+    """Suite ``generation_split_leakage``: non-empty splits, no prompt or response shared."""
+    from great_expectations import expectations as gxe
+
+    _require_split_columns(splits, ("id", "prompt", "response"))
+    rows = _generation_split_rows(splits)
+    checks = [
+        *_split_presence_checks(splits),
         _Check(
             gxe.ExpectColumnValuesToBeNull(
                 column="prompt_shared_with",
