@@ -92,3 +92,22 @@ def test_flat_params_are_dotted_strings():
     assert params["train.lr"] == "5e-05"
     assert params["method.lora.r"] == "8"
     assert all(isinstance(v, str) for v in params.values())
+
+
+def test_adalora_schedule_must_leave_room_to_reallocate_ranks():
+    from peftflow.config import parse_config
+    from peftflow.errors import ConfigError
+
+    base = {"name": "a", "method": {"name": "adalora"}}
+    with pytest.raises(ConfigError, match="tinit_ratio \\+ tfinal_ratio = 1"):
+        parse_config(
+            {
+                **base,
+                "method": {"name": "adalora", "adalora": {"tinit_ratio": 0.5, "tfinal_ratio": 0.5}},
+            }
+        )
+    with pytest.raises(ConfigError, match="target_r=8 exceeds init_r=4"):
+        parse_config(
+            {**base, "method": {"name": "adalora", "adalora": {"init_r": 4, "target_r": 8}}}
+        )
+    assert parse_config(base).method.adalora.tinit_ratio == 0.1

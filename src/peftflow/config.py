@@ -110,6 +110,20 @@ class AdaLoraSettings(_Frozen):
     tfinal_ratio: float = Field(0.2, ge=0.0, lt=1.0)
     delta_t: int = Field(10, ge=1)
 
+    @model_validator(mode="after")
+    def _leaves_a_budgeting_phase(self) -> AdaLoraSettings:
+        if self.tinit_ratio + self.tfinal_ratio >= 1.0:
+            raise ValueError(
+                f"tinit_ratio + tfinal_ratio = {self.tinit_ratio + self.tfinal_ratio:g} leaves no "
+                "steps for rank re-allocation; keep their sum below 1 (e.g. 0.1 + 0.2)"
+            )
+        if self.target_r > self.init_r:
+            raise ValueError(
+                f"target_r={self.target_r} exceeds init_r={self.init_r}; AdaLoRA prunes ranks "
+                "down to target_r, so choose target_r <= init_r"
+            )
+        return self
+
 
 class PromptSettings(_Frozen):
     """Prefix tuning, prompt tuning and P-tuning."""
