@@ -98,6 +98,13 @@ def test_generation_flow_scores_against_zero_shot_registers_and_serves(
     served = mlflow.pyfunc.load_model("models:/tiny-subjects@champion")
     out = served.predict(pd.DataFrame({"text": ["lunch three today now please"]}))
     assert list(out.columns) == ["generated"] and len(out) == 1
+    from peftflow.predict import load_predictor, predict_file
+
+    inputs = root / "new.csv"
+    pd.DataFrame({"text": ["lunch three today", "budget one now"]}).to_csv(inputs, index=False)
+    predictor = load_predictor("models:/tiny-subjects@champion", uri)
+    written = pd.read_csv(predict_file(predictor, inputs, root / "out.csv", progress=False))
+    assert list(written.columns) == ["text", "generated"] and len(written) == 2
 
     # Unchanged data and config: nothing trains, the zero-shot baseline is served from cache.
     second = finetune(config_path=str(config), root=str(root))

@@ -160,6 +160,32 @@ def methods(
 
 
 @app.command()
+def predict(
+    model: str = typer.Option(
+        ...,
+        "--model",
+        "-m",
+        help="models:/NAME@alias, models:/NAME/V, runs:/ID/model, or a folder.",
+    ),
+    input_path: Path = typer.Option(..., "--input", "-i", help="CSV, JSONL or parquet file."),
+    output_path: Path = typer.Option(..., "--output", "-o", help="CSV, JSONL or parquet file."),
+    text_column: str = typer.Option("text", help="The input column holding the texts."),
+    batch_size: int = typer.Option(64, min=1, help="Rows per prediction batch."),
+    root: Path = typer.Option(Path("."), help="Project folder; its mlflow.db is the store."),
+) -> None:
+    """Predict (labels or generated text) for every row of a file; input columns are kept."""
+    from peftflow.predict import load_predictor, predict_file
+    from peftflow.tracking import resolve_tracking_uri
+
+    try:
+        predictor = load_predictor(model, resolve_tracking_uri(None, root))
+        written = predict_file(predictor, input_path, output_path, text_column, batch_size)
+    except PeftflowError as err:
+        _fail(err)
+    typer.echo(f"wrote {written}")
+
+
+@app.command()
 def config(
     path: str = typer.Argument(..., help="Experiment YAML to validate."),
     set_: list[str] = typer.Option([], "--set", help="Override a field: --set train.epochs=2"),

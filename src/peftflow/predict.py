@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
+from peftflow.errors import DataError
 from peftflow.model_io import LoadedModel
 from peftflow.training import encode, predict_logits
 
@@ -53,3 +57,92 @@ def generate_for_texts(loaded: LoadedModel, texts: Sequence[str]) -> pd.DataFram
         seed=config.seed,
     )
     return pd.DataFrame({"generated": generated})
+
+
+# --- files ------------------------------------------------------------------------------------
+
+WRITERS = {
+    ".csv": lambda frame, path: frame.to_csv(path, index=False),
+    ".parquet": lambda frame, path: frame.to_parquet(path, index=False),
+    ".jsonl": lambda frame, path: frame.to_json(path, orient="records", lines=True),
+}
+
+
+def read_input_table(path: Path, text_column: str) -> pd.DataFrame:
+    """A CSV/JSONL/parquet file with ``text_column``; clear errors for anything else."""
+    from peftflow.data.loaders import TABLE_READERS
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"input file {path} does not exist")
+    reader = TABLE_READERS.get(path.suffix.lower())
+    if reader is None:
+        raise DataError(f"input {path} has suffix {path.suffix!r}; use one of {', '.join(WRITERS)}")
+    frame = reader(path)
+    if text_column not in frame.columns:
+        raise DataError(
+            f"input {path} has no column {text_column!r} (columns: {list(frame.columns)}); "
+            "pass --text-column with the column holding the texts"
+        )
+    missing = frame.index[frame[text_column].isna()].tolist()
+    if missing:
+        raise DataError(
+            f"input {path}: column {text_column!r} is empty in rows {missing[:10]}; "
+            "fill or drop those rows"
+        )
+    return frame
+
+
+def predict_file(
+    predict_frame: Callable[[pd.DataFrame], pd.DataFrame],
+    input_path: Path,
+    output_path: Path,
+    text_column: str = "text",
+    batch_size: int = 64,
+    progress: bool = True,
+) -> Path:
+    """Input rows + prediction columns, batched with a progress bar, written atomically.
+
+    ``predict_frame`` takes a DataFrame with a ``text`` column (an MLflow pyfunc's
+    ``predict``) and returns one row per input row.
+    """
+    output_path = Path(output_path)
+    writer = WRITERS.get(output_path.suffix.lower())
+    if writer is None:  # checked before any prediction work
+        raise DataError(f"output {output_path}: use a {', '.join(WRITERS)} file name")
+    frame = read_input_table(input_path, text_column)
+    texts = frame[text_column].astype(str)
+    chunks = []
+    batches = range(0, len(frame), batch_size)
+    for start in tqdm(batches, desc="predict", unit="batch", disable=not progress):
+        batch = pd.DataFrame({"text": texts.iloc[start : start + batch_size].tolist()})
+        chunks.append(predict_frame(batch).reset_index(drop=True))
+    predictions = pd.concat(chunks, ignore_index=True) if chunks else pd.DataFrame()
+    result = pd.concat([frame.reset_index(drop=True), predictions], axis=1)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    staging = output_path.with_name(f".{output_path.name}.partial")
+    writer(result, staging)
+    os.replace(staging, output_path)  # a crash never leaves half an output file
+    return output_path
+
+
+def load_predictor(model: str, tracking_uri: str | None = None) -> Callable:
+    """``models:/NAME@alias`` / ``runs:/...`` through MLflow, or a saved model folder directly."""
+    folder = Path(model)
+    if folder.is_dir():
+        from peftflow.model_io import load_model
+        from peftflow.pyfunc import PeftflowModel
+
+        wrapper = PeftflowModel.from_loaded(load_model(folder))
+        return lambda frame: wrapper.predict(None, frame)
+    if not model.startswith(("models:/", "runs:/")):
+        raise DataError(
+            f"--model {model!r} is neither a folder nor an MLflow URI; pass "
+            "models:/NAME@champion, models:/NAME/VERSION, runs:/RUN_ID/model or a model folder"
+        )
+    import mlflow
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_registry_uri(tracking_uri)
+    return mlflow.pyfunc.load_model(model).predict

@@ -16,6 +16,13 @@ from peftflow.errors import DataError
 class PeftflowModel(mlflow.pyfunc.PythonModel):
     """Loads the model folder logged under artifact ``model_dir``."""
 
+    @classmethod
+    def from_loaded(cls, loaded) -> PeftflowModel:
+        """The same wrapper around an already loaded model folder (no MLflow involved)."""
+        model = cls()
+        model._loaded = loaded
+        return model
+
     def load_context(self, context) -> None:
         from peftflow.model_io import load_model
 
