@@ -104,3 +104,12 @@ def test_bad_model_or_output_names_the_fix(classifier_dir, tmp_path, model, outp
     result = invoke("--model", model or classifier_dir, "-i", source, "-o", tmp_path / output)
     assert result.exit_code == 2
     assert message in result.output
+
+
+def test_unknown_registry_model_is_a_clear_error(tracking_uri, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+    source = tmp_path / "in.csv"
+    pd.DataFrame({"text": ["hi"]}).to_csv(source, index=False)
+    result = invoke("--model", "models:/nobody@champion", "-i", source, "-o", tmp_path / "o.csv")
+    assert result.exit_code == 2
+    assert "not in the registry" in result.output and "models:/nobody@champion" in result.output

@@ -142,7 +142,44 @@ def load_predictor(model: str, tracking_uri: str | None = None) -> Callable:
         )
     import mlflow
 
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_registry_uri(tracking_uri)
-    return mlflow.pyfunc.load_model(model).predict
+    local = download_model(model, tracking_uri)
+    return mlflow.pyfunc.load_model(str(local)).predict
+
+
+def download_model(uri: str, tracking_uri: str | None) -> Path:
+    """Fetch a registry/run model into a temporary folder with an explicit client.
+
+    An explicit client keeps MLflow's process-global tracking and registry URIs
+    untouched (other code in the process, e.g. Prefect tasks, may use other stores).
+    """
+    import tempfile
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    run_id, artifact_path = _model_artifact(client, uri)
+    target = Path(tempfile.mkdtemp(prefix="peftflow-model-"))
+    return Path(client.download_artifacts(run_id, artifact_path, str(target)))
+
+
+def _model_artifact(client, uri: str) -> tuple[str, str]:
+    """(run id, artifact path) behind models:/NAME@alias, models:/NAME/VERSION or runs:/ID/PATH."""
+    from mlflow.exceptions import MlflowException
+
+    if uri.startswith("runs:/"):
+        run_id, _, path = uri.removeprefix("runs:/").partition("/")
+        return run_id, path or "model"
+    name_part = uri.removeprefix("models:/")
+    try:
+        if "@" in name_part:
+            name, alias = name_part.split("@", 1)
+            version = client.get_model_version_by_alias(name, alias)
+        else:
+            name, _, number = name_part.partition("/")
+            version = client.get_model_version(name, number)
+    except MlflowException as err:
+        raise DataError(
+            f"--model {uri}: not in the registry ({err.message}); check the name and the "
+            "alias or version (`mlflow ui` lists them)"
+        ) from None
+    return version.run_id, version.source.rstrip("/").rsplit("/", 1)[-1]
