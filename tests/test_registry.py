@@ -220,3 +220,45 @@ def test_logged_model_is_served_through_the_champion_alias(tracking_uri, tmp_pat
 def test_log_model_refuses_a_missing_model_dir(tracking_uri, tmp_path):
     with pytest.raises(RegistryError, match="is not a folder"):
         log_and_register_model("run", tmp_path / "nope", MODEL, tracking_uri, None, None)
+
+
+def test_cli_promote_refuse_and_rollback(new_version, tracking_uri, monkeypatch):
+    """The gate through the CLI: promote, refuse a worse one (exit 1, reason), roll back."""
+    from typer.testing import CliRunner
+
+    from peftflow.cli import app
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+    runner = CliRunner()
+    first = new_version({"test_f1": 0.90})
+    better = new_version({"test_f1": 0.95})
+    worse = new_version({"test_f1": 0.80})
+
+    def cli(*args: str):
+        return runner.invoke(app, list(args))
+
+    assert cli("promote", "-m", MODEL, "-v", first).exit_code == 0
+    promoted = cli("promote", "-m", MODEL, "-v", better, "--margin", "0.01")
+    assert promoted.exit_code == 0 and "promoted to champion" in promoted.output
+    refused = cli("promote", "-m", MODEL, "-v", worse)
+    assert refused.exit_code == 1 and "NOT promoted" in refused.output
+    assert "test_f1" in refused.output  # the reason names the metric it compared
+    assert version_tags(tracking_uri, worse)[DECISION_TAG] == "refused"
+    assert aliases(tracking_uri) == {"champion": better, "previous": first}
+
+    rolled = cli("rollback", "-m", MODEL)
+    assert rolled.exit_code == 0 and f"v{first}" in rolled.output
+    assert aliases(tracking_uri) == {"champion": first}
+    again = cli("rollback", "-m", MODEL)
+    assert again.exit_code == 2 and "cannot roll back" in again.output
+
+
+def test_cli_promote_defaults_to_bleu_for_generators(new_version, tracking_uri, monkeypatch):
+    from typer.testing import CliRunner
+
+    from peftflow.cli import app
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+    version = new_version({"test_bleu": 3.5}, tags={**CHECKS_PASSED, "peftflow.task": "generation"})
+    result = CliRunner().invoke(app, ["promote", "-m", MODEL, "-v", version])
+    assert result.exit_code == 0 and "test_bleu" in result.output, result.output

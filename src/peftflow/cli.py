@@ -186,6 +186,46 @@ def predict(
 
 
 @app.command()
+def promote(
+    model: str = typer.Option(..., "--model", "-m", help="Registered model name."),
+    version: str = typer.Option(..., "--version", "-v", help="The candidate version."),
+    metric: str | None = typer.Option(None, help="Test metric (default: by task, F1 or BLEU)."),
+    margin: float = typer.Option(0.0, min=0.0, help="How much the champion must be beaten by."),
+    root: Path = typer.Option(Path("."), help="Project folder; its mlflow.db is the store."),
+) -> None:
+    """Move alias champion to VERSION only through the gate; exit 1 when the gate refuses."""
+    from peftflow.registry import GATE_TAGS, default_metric, promote_if_better
+    from peftflow.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(None, root)
+    try:
+        metric = metric or default_metric(model, version, uri)
+        decision = promote_if_better(model, version, uri, metric, margin, GATE_TAGS)
+    except PeftflowError as err:
+        _fail(err)
+    verdict = "promoted to champion" if decision.promoted else "NOT promoted"
+    typer.echo(f"{model} v{version}: {verdict} ({decision.reason})")
+    if not decision.promoted:
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def rollback(
+    model: str = typer.Option(..., "--model", "-m", help="Registered model name."),
+    root: Path = typer.Option(Path("."), help="Project folder; its mlflow.db is the store."),
+) -> None:
+    """Give alias champion back to the version that held it before (alias previous)."""
+    from peftflow.registry import rollback as rollback_champion
+    from peftflow.tracking import resolve_tracking_uri
+
+    try:
+        restored = rollback_champion(model, resolve_tracking_uri(None, root))
+    except PeftflowError as err:
+        _fail(err)
+    typer.echo(f"{model}: champion is v{restored} again")
+
+
+@app.command()
 def config(
     path: str = typer.Argument(..., help="Experiment YAML to validate."),
     set_: list[str] = typer.Option([], "--set", help="Override a field: --set train.epochs=2"),

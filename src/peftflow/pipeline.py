@@ -368,7 +368,7 @@ def register_stage(cfg: ExperimentConfig, run_id: str, model_dir: str, root: Pat
 
 def promote_stage(cfg: ExperimentConfig, name: str, version: str, root: Path) -> dict:
     """Move alias ``champion`` only when the gate passes; the decision is recorded either way."""
-    from peftflow.registry import promote_if_better
+    from peftflow.registry import GATE_TAGS, promote_if_better
 
     decision = promote_if_better(
         name,
@@ -376,7 +376,7 @@ def promote_stage(cfg: ExperimentConfig, name: str, version: str, root: Path) ->
         tracking_uri(cfg, root),
         metric=cfg.tracking.promote_metric,
         margin=cfg.tracking.promote_margin,
-        require_tags={"peftflow.checks_passed": "true", "peftflow.reload_check": "passed"},
+        require_tags=GATE_TAGS,
     )
     return asdict(decision)
 

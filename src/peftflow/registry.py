@@ -51,6 +51,19 @@ class PromotionDecision:
     champion_metric: float | None
 
 
+# What a version's run must carry before the gate even looks at its metric.
+GATE_TAGS = {"peftflow.checks_passed": "true", "peftflow.reload_check": "passed"}
+# The promotion metric per task, when none is given (tag peftflow.task of the run).
+TASK_METRICS = {"classification": "test_f1", "generation": "test_bleu"}
+
+
+def default_metric(model_name: str, version: str, tracking_uri: str) -> str:
+    """The promotion metric of ``version``'s task: test_f1 (classifiers), test_bleu (generators)."""
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    run = _get_run(client, _model_version(client, model_name, version).run_id)
+    return TASK_METRICS.get(run.data.tags.get("peftflow.task", "classification"), "test_f1")
+
+
 def default_pip_requirements() -> list[str]:
     """Exact pins of the installed runtime packages, without local labels like ``+cpu``.
 
