@@ -19,7 +19,7 @@ from peftflow.assets import ResolvedModel
 from peftflow.config import ExperimentConfig, GenerationConfig, ModelConfig
 from peftflow.errors import ConfigError
 from peftflow.modeling import mask_positions
-from peftflow.prompting import EncodedGeneration
+from peftflow.prompting import EncodedGeneration, end_token_id
 from peftflow.training import Objective, autocast, pad_batch
 
 IGNORE_INDEX = -100  # label of prompt and pad positions: no loss
@@ -48,16 +48,9 @@ _PREPENDS_VIRTUAL_TOKENS = ("prompt_tuning", "p_tuning")
 _ABSOLUTE_POSITION_TYPES = ("gpt2",)
 
 
-def check_method_fits(method: str, resolved: ResolvedModel) -> None:
+def check_method_fits(method: str, model_type: str) -> None:
     """Refuse method x model pairs whose batched generation would depend on the padding."""
-    from transformers import AutoConfig
-
-    if method not in _PREPENDS_VIRTUAL_TOKENS:
-        return
-    model_type = AutoConfig.from_pretrained(
-        resolved.location, revision=resolved.revision
-    ).model_type
-    if model_type in _ABSOLUTE_POSITION_TYPES:
+    if method in _PREPENDS_VIRTUAL_TOKENS and model_type in _ABSOLUTE_POSITION_TYPES:
         raise ConfigError(
             f"method {method!r} on {model_type} (learned absolute positions) generates "
             "differently when prompts are left-padded in a batch; use prefix_tuning or lora "
@@ -151,7 +144,8 @@ def mean_response_loss(
     """Teacher-forced loss per target token over ``data`` (the validation signal per epoch)."""
     model.eval()
     device = next(model.parameters()).device
-    order = sorted(range(len(data)), key=lambda i: data.lengths[i])
+    lengths = data.lengths  # a property that builds the list: once, not per comparison
+    order = sorted(range(len(data)), key=lengths.__getitem__)
     total = 0.0
     for start in range(0, len(order), batch_size):
         ids, mask, labels = generation_batch(data, order[start : start + batch_size], pad_id)
@@ -159,6 +153,11 @@ def mean_response_loss(
             model, ids.to(device), mask.to(device), labels.to(device), precision
         ).item()
     return total / max(data.n_target_tokens, 1)
+
+
+def perplexity(loss_per_token: float) -> float:
+    """exp(loss), capped at exp(50) so a diverged model logs a number, not inf."""
+    return math.exp(min(loss_per_token, 50.0))
 
 
 def generation_objective(
@@ -177,7 +176,7 @@ def generation_objective(
     def validate(model: nn.Module) -> dict[str, float]:
         loss = mean_response_loss(model, val, cfg.train.eval_batch_size, pad_id, precision)
         model.train()
-        return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
+        return {"val_loss": loss, "val_perplexity": perplexity(loss)}
 
     return Objective(
         lengths=train.lengths,
@@ -251,8 +250,6 @@ def _until_end(new_ids: list[int], end_id: int) -> list[int]:
 
 def generate_texts(model, tokenizer, data: EncodedGeneration, gen: GenerationConfig, **kw) -> list:
     """Generated strings per prompt (special tokens dropped, whitespace trimmed)."""
-    from peftflow.prompting import end_token_id
-
     ids = generate_ids(model, data, gen, end_token_id(tokenizer), tokenizer.pad_token_id, **kw)
     return [postprocess(tokenizer.decode(row, skip_special_tokens=True), gen) for row in ids]
 

@@ -19,6 +19,7 @@ from peftflow.causal_lm import (
     generation_batch,
     generation_objective,
     mean_response_loss,
+    perplexity,
     response_logits,
 )
 from peftflow.config import ExperimentConfig
@@ -68,12 +69,16 @@ def generated_frames(splits: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]
     return {name: splits[name] for name in GENERATED_SPLITS}
 
 
-def score_generation(model, tokenizer, fmt: PromptFormat, frames, cfg: ExperimentConfig):
-    """Generate for every eval frame; metrics (prefixed val_/test_) and predictions per split."""
+def score_generation(model, tokenizer, encoded, frames, cfg: ExperimentConfig):
+    """Generate for every eval frame; metrics (prefixed val_/test_) and predictions per split.
+
+    Generation reads only ``prompt_ids`` of ``encoded[name]`` (the same ids with or
+    without targets, see prompting.py): nothing of the reference goes in.
+    """
     metrics: dict[str, float] = {}
     predictions: dict[str, list[str]] = {}
-    for name, frame in frames.items():  # prompts only: nothing of the reference goes in
-        data = encode_generation(tokenizer, fmt, frame["prompt"].tolist())
+    for name, frame in frames.items():
+        data = encoded[name]
         started = time.perf_counter()
         texts = generate_texts(
             model, tokenizer, data, cfg.generation, precision=cfg.train.precision, seed=cfg.seed
@@ -92,19 +97,19 @@ def teacher_forced_metrics(model, encoded, cfg: ExperimentConfig, pad_id: int) -
             model, encoded[name], cfg.train.eval_batch_size, pad_id, cfg.train.precision
         )
         metrics[f"{name}_loss"] = loss
-        metrics[f"{name}_perplexity"] = float(torch.exp(torch.tensor(min(loss, 50.0))))
+        metrics[f"{name}_perplexity"] = perplexity(loss)
     return metrics
 
 
-def log_scoring(tracker, cfg, fmt, tokenizer, frames, predictions, baseline=None) -> None:
+def log_scoring(tracker, cfg, fmt, tokenizer, encoded, frames, predictions, baseline=None):
     """Prompt format, decoding settings, BLEU signature and the samples table, on the run."""
-    first_prompt = encode_generation(tokenizer, fmt, frames["test"]["prompt"].head(1).tolist())
+    test_prompts = encoded["test"]
     tracker.log_dict(
         {
             "template": fmt.template,
             "text_budget_tokens": fmt.text_budget,
-            "example_prompt": tokenizer.decode(first_prompt.prompt_ids[0])
-            if len(first_prompt)
+            "example_prompt": tokenizer.decode(test_prompts.prompt_ids[0])
+            if len(test_prompts)
             else "",
             "decoding": cfg.generation.model_dump(mode="json"),
         },
@@ -157,10 +162,10 @@ def run_zero_shot(cfg: ExperimentConfig, splits, tracker, out_dir: Path) -> dict
     splits = capped_splits(cfg, splits)
     fmt, encoded = encode_splits(cfg, tokenizer, {n: splits[n] for n in EVAL_SPLITS})
     frames = generated_frames(splits)
-    metrics, predictions = score_generation(model, tokenizer, fmt, frames, cfg)
+    metrics, predictions = score_generation(model, tokenizer, encoded, frames, cfg)
     metrics.update(teacher_forced_metrics(model, encoded, cfg, tokenizer.pad_token_id))
     tracker.log_metrics(metrics)
-    log_scoring(tracker, cfg, fmt, tokenizer, frames, predictions)
+    log_scoring(tracker, cfg, fmt, tokenizer, encoded, frames, predictions)
     path = write_predictions(frames, predictions, out_dir)
     tracker.log_artifact(path, "predictions")
     return {"metrics": metrics, "predictions_path": str(path)}
@@ -180,15 +185,14 @@ def run_generation_training(
     outcome = train_model(model, objective, cfg, epoch_logger(tracker))
     tracker.set_tags({"peftflow.device": outcome.device})
     frames = generated_frames(splits)
-    final, predictions = score_generation(model, tokenizer, fmt, frames, cfg)
+    final, predictions = score_generation(model, tokenizer, encoded, frames, cfg)
     final.update(teacher_forced_metrics(model, encoded, cfg, pad_id))
     final.update(outcome_metrics(trainable, total, outcome))
     final.update(gains_over_baseline(final, baseline))
     tracker.log_metrics(final)
     tracker.log_dict({"history": outcome.history}, "history.json")
-    log_scoring(
-        tracker, cfg, fmt, tokenizer, frames, predictions, baseline_predictions(baseline, frames)
-    )
+    zero_shot = baseline_predictions(baseline, frames)
+    log_scoring(tracker, cfg, fmt, tokenizer, encoded, frames, predictions, zero_shot)
     tracker.log_artifact(write_predictions(frames, predictions, out_dir), "predictions")
     model_dir = save_model(model, tokenizer, cfg, base, out_dir / "model")
     verify_generation_reload(model, encoded["test"], model_dir, pad_id, cfg)

@@ -149,8 +149,8 @@ def _base_model(base: ResolvedModel, config: ExperimentConfig, tokenizer) -> nn.
     if config.task == "generation":
         from peftflow.causal_lm import build_causal_lm, check_method_fits
 
-        check_method_fits(config.method.name, base)
         model = build_causal_lm(base, config.model, seed=config.seed)
+        check_method_fits(config.method.name, model.config.model_type)
         config_with_pad = model.config
     else:
         model = build_classifier(base, len(config.data.labels), config.model, seed=config.seed)

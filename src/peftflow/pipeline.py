@@ -145,11 +145,11 @@ def generation_tokenisation_stage(
     from peftflow.modeling import load_tokenizer
 
     resolved = resolve_model(cfg.model.name, cfg.model.revision)
+    model_config = AutoConfig.from_pretrained(resolved.location, revision=resolved.revision)
     check_generation_knobs(cfg.model, resolved)  # refuse before any training work
-    check_method_fits(cfg.method.name, resolved)
+    check_method_fits(cfg.method.name, model_config.model_type)
     tokenizer = load_tokenizer(resolved, cfg.model.padding_side)
     fmt, encoded = encode_splits(cfg, tokenizer, load_splits(split_paths))
-    model_config = AutoConfig.from_pretrained(resolved.location, revision=resolved.revision)
     report = validate_generation_tokenisation(
         encoded,
         fmt,
@@ -267,12 +267,7 @@ def baseline_stage(
     existing = find_finished_run(uri, cfg.tracking.experiment, key)
     if existing:
         return {**run_summary(cfg, existing, root), "run_key": key}
-    tags = {
-        **standard_tags(key, data_md5, key, Path(root)),
-        "peftflow.kind": "baseline",
-        "peftflow.method": "tfidf_logreg",
-        "peftflow.task": cfg.task,
-    }
+    tags = _baseline_tags(cfg, key, data_md5, root, "tfidf_logreg")
     with RunTracker(uri) as tracker:
         run_id = tracker.start(
             experiment_id,
@@ -290,6 +285,16 @@ def baseline_stage(
         plot_confusion(result.test_confusion, cfg.data.labels, "TF-IDF + LR (test)", png)
         tracker.log_artifact(png, "plots")
     return {"run_id": run_id, "run_key": key, "metrics": result.metrics, "cached": False}
+
+
+def _baseline_tags(cfg: ExperimentConfig, key: str, data_md5: str, root: Path, method: str):
+    """A baseline run's identity: its own key stands in for the config hash."""
+    return {
+        **standard_tags(key, data_md5, key, Path(root)),
+        "peftflow.kind": "baseline",
+        "peftflow.method": method,
+        "peftflow.task": cfg.task,
+    }
 
 
 def zero_shot_key(cfg: ExperimentConfig, data_md5: str) -> str:
@@ -323,10 +328,7 @@ def zero_shot_stage(
         path = outputs_dir(root) / "runs" / existing / PREDICTIONS_FILE
         return {**cached, "run_key": key, "predictions_path": str(path)}
     tags = {
-        **standard_tags(key, data_md5, key, Path(root)),
-        "peftflow.kind": "baseline",
-        "peftflow.method": "zero_shot",
-        "peftflow.task": cfg.task,
+        **_baseline_tags(cfg, key, data_md5, root, "zero_shot"),
         "peftflow.base_model": cfg.model.name,
     }
     with RunTracker(uri) as tracker:
