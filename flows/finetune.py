@@ -52,7 +52,9 @@ def finetune(
     )
     summary["finetune"] = result
     if cfg.tracking.register_model:
-        version = registry.register(cfg, result["run_id"], result["model_dir"], base)
+        version = registry.register(
+            cfg, result["run_id"], result["model_dir"], base, splits["paths"]["test"]
+        )
         summary["registered"] = version
         summary["promotion"] = registry.promote(cfg, version["name"], version["version"], base)
     return summary

@@ -12,6 +12,7 @@ from mlflow import MlflowClient
 from peftflow.errors import RegistryError
 from peftflow.registry import (
     DECISION_TAG,
+    GATE_TAGS,
     REASON_TAG,
     current_champion,
     default_pip_requirements,
@@ -22,7 +23,7 @@ from peftflow.registry import (
 from peftflow.tracking import RunTracker, ensure_experiment
 
 MODEL = "spam-classifier"
-CHECKS_PASSED = {"peftflow.checks_passed": "true", "peftflow.reload_check": "passed"}
+CHECKS_PASSED = GATE_TAGS
 
 
 class KeywordModel(mlflow.pyfunc.PythonModel):
@@ -128,7 +129,8 @@ def test_missing_required_tags_block_even_a_better_model(tracking_uri, new_versi
     decision = promote_if_better(MODEL, v2, tracking_uri, require_tags=CHECKS_PASSED)
     assert not decision.promoted
     assert decision.reason == (
-        "candidate run fails required tags: peftflow.reload_check=passed (found None)"
+        "candidate run fails required tags: peftflow.reload_check=passed (found None), "
+        "peftflow.logged_model_check=passed (found None)"
     )
     assert version_tags(tracking_uri, v2)[DECISION_TAG] == "refused"
     assert current_champion(MODEL, tracking_uri)[0] == v1

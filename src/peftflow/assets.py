@@ -76,6 +76,14 @@ class ResolvedModel:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def pinned_revision(self) -> str:
+        """What pins these exact weights: the hub revision, the package pin, or the file hash."""
+        if self.source == "hub":
+            return self.revision or "main (unpinned: set model.revision to a commit)"
+        if self.source == "package":
+            return self.package_version or "unknown package version"
+        return self.fingerprint
+
 
 def cache_root() -> Path:
     """$PEFTFLOW_CACHE, else ~/.cache/peftflow (converted models live here)."""

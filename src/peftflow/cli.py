@@ -194,13 +194,11 @@ def promote(
     root: Path = typer.Option(Path("."), help="Project folder; its mlflow.db is the store."),
 ) -> None:
     """Move alias champion to VERSION only through the gate; exit 1 when the gate refuses."""
-    from peftflow.registry import GATE_TAGS, default_metric, promote_if_better
+    from peftflow.registry import promote as gated_promotion
     from peftflow.tracking import resolve_tracking_uri
 
-    uri = resolve_tracking_uri(None, root)
     try:
-        metric = metric or default_metric(model, version, uri)
-        decision = promote_if_better(model, version, uri, metric, margin, GATE_TAGS)
+        decision = gated_promotion(model, version, resolve_tracking_uri(None, root), metric, margin)
     except PeftflowError as err:
         _fail(err)
     verdict = "promoted to champion" if decision.promoted else "NOT promoted"
@@ -302,6 +300,135 @@ def _print_study_summary(summary: dict) -> None:
         failed = ", ".join(summary["failed"])
         typer.secho(f"failed variants: {failed}", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=1)
+
+
+@app.command()
+def compare(
+    experiment: str = typer.Option(..., "--experiment", "-e", help="MLflow experiment to compare."),
+    metric: str | None = typer.Option(
+        None, help="Higher-is-better metric to rank on (default: by task, test_f1 or test_bleu)."
+    ),
+    task: str | None = typer.Option(None, help="Only runs of this task (classification, ...)."),
+    out: Path | None = typer.Option(
+        None, help="Report folder (default: <root>/outputs/compare/<experiment>/)."
+    ),
+    root: Path = typer.Option(Path("."), help="Project folder; its mlflow.db is the store."),
+    tracking_uri: str | None = typer.Option(
+        None, help="MLflow store (default: $MLFLOW_TRACKING_URI, else <root>/mlflow.db)."
+    ),
+    no_log: bool = typer.Option(False, "--no-log", help="Write the report; log no MLflow run."),
+) -> None:
+    """Rank an experiment's fine-tuned runs, mark the Pareto fronts, write and log a report."""
+    import shlex
+
+    from peftflow.compare import default_out_dir, run_compare, summary_text
+    from peftflow.tracking import resolve_tracking_uri
+
+    command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+    uri = resolve_tracking_uri(tracking_uri, root)
+    out_dir = out or default_out_dir(root, experiment)
+    try:
+        outcome = run_compare(experiment, uri, out_dir, command, metric, task, log=not no_log)
+    except PeftflowError as err:
+        _fail(err)
+    typer.echo(summary_text(outcome.comparison))
+    typer.echo(f"report: {outcome.report_paths[0]}")
+    if outcome.run_id:
+        typer.echo(f"logged as MLflow run {outcome.run_id} (artifacts under comparison/)")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only accepts connections from this machine."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def ui_argv(tracking_uri: str, host: str, port: int, root: Path) -> list[str]:
+    """The ``mlflow ui`` command line for ``tracking_uri`` (one worker: it starts in ~20 s)."""
+    if tracking_uri.startswith(("http://", "https://")):
+        raise PeftflowError(
+            f"{tracking_uri} is a tracking server, which serves its own UI: open it in a "
+            "browser, or pass --tracking-uri/--root for a local store to browse."
+        )
+    argv = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri]
+    argv += ["--host", host, "--port", str(port), "--workers", "1"]
+    if tracking_uri.startswith("sqlite:"):
+        # Experiments created from the UI then keep artifacts where peftflow puts them.
+        argv += ["--default-artifact-root", (Path(root).resolve() / "mlruns").as_uri()]
+    return argv
+
+
+def _serve_in_foreground(argv: list[str]) -> int:
+    """Run the UI until it exits; Ctrl-C (or SIGTERM) here stops it and every worker it started."""
+    import signal
+    import subprocess
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    # Its own process group: one signal to the group reaches the server's workers too.
+    process = subprocess.Popen(argv, process_group=0)
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        _stop_process_group(process)
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_process_group(process) -> None:
+    """SIGINT to the group (a clean shutdown), SIGKILL if it is still there after a grace period."""
+    import os
+    import signal
+    import subprocess
+
+    for sig, grace_seconds in ((signal.SIGINT, 15), (signal.SIGKILL, 5)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(grace_seconds)
+            return
+
+
+@app.command()
+def ui(
+    root: Path = typer.Option(Path("."), help="Project folder; its mlflow.db is the store."),
+    tracking_uri: str | None = typer.Option(
+        None, help="MLflow store (default: $MLFLOW_TRACKING_URI, else <root>/mlflow.db)."
+    ),
+    port: int = typer.Option(5000, min=1, max=65535, help="Port to listen on."),
+    host: str = typer.Option("127.0.0.1", help="Interface to bind (loopback by default)."),
+    allow_remote: bool = typer.Option(
+        False, "--allow-remote", help="Allow a non-loopback --host (the UI has no login)."
+    ),
+) -> None:
+    """Browse the runs in the MLflow UI (foreground; Ctrl-C stops it)."""
+    from peftflow.tracking import resolve_tracking_uri
+
+    if not (is_loopback(host) or allow_remote):
+        _fail(
+            PeftflowError(
+                f"--host {host} would expose the MLflow UI, which has no login, to the network; "
+                "use 127.0.0.1 (and an SSH tunnel), or pass --allow-remote if you mean it."
+            )
+        )
+    try:
+        argv = ui_argv(resolve_tracking_uri(tracking_uri, root), host, port, root)
+    except PeftflowError as err:
+        _fail(err)
+    shown = f"[{host}]" if ":" in host else host
+    typer.echo(f"MLflow UI: http://{shown}:{port} (Ctrl-C to stop)")
+    code = _serve_in_foreground(argv)
+    if code:
+        raise typer.Exit(code=code)
 
 
 if __name__ == "__main__":

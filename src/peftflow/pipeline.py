@@ -348,15 +348,34 @@ def zero_shot_stage(
 # --- registry -----------------------------------------------------------------
 
 
-def register_stage(cfg: ExperimentConfig, run_id: str, model_dir: str, root: Path) -> dict:
-    """Log the pyfunc model into the run and register a new version."""
-    from peftflow import pyfunc_entry_path
-    from peftflow.registry import log_and_register_model
+# What the registry shows as the input example of each task's model.
+INPUT_EXAMPLES = {
+    "classification": "Subject: meeting\n\nSee you at 10 tomorrow.",
+    "generation": "Hi all, the build server is down until Monday. Sorry!",
+}
+# Test texts the logged model must reproduce before it is registered (generation is slower).
+LOGGED_CHECK_ROWS = {"classification": 16, "generation": 4}
 
-    if cfg.task == "generation":
-        example = pd.DataFrame({"text": ["Hi all, the build server is down until Monday. Sorry!"]})
-    else:
-        example = pd.DataFrame({"text": ["Subject: meeting\n\nSee you at 10 tomorrow."]})
+
+def register_stage(
+    cfg: ExperimentConfig, run_id: str, model_dir: str, root: Path, check_path: str | None = None
+) -> dict:
+    """Log the pyfunc model into the run, check the logged copy, register a new version.
+
+    The check reloads the model from the store and requires the same outputs as
+    the saved folder on the input example and the first rows of ``check_path``
+    (the test split): probabilities within float noise, generated text identical.
+    """
+    from mlflow.models import infer_signature
+
+    from peftflow import pyfunc_entry_path
+    from peftflow.model_io import load_model
+    from peftflow.pyfunc import PeftflowModel
+    from peftflow.registry import assert_same_predictions, log_and_register_model
+
+    example = pd.DataFrame({"text": [INPUT_EXAMPLES[cfg.task]]})
+    frame = pd.concat([example, _check_texts(cfg, check_path)], ignore_index=True)
+    expected = PeftflowModel.from_loaded(load_model(Path(model_dir))).predict(None, frame)
     info = log_and_register_model(
         run_id,
         Path(model_dir),
@@ -364,8 +383,19 @@ def register_stage(cfg: ExperimentConfig, run_id: str, model_dir: str, root: Pat
         tracking_uri(cfg, root),
         python_model=pyfunc_entry_path(),
         input_example=example,
+        signature=infer_signature(example, expected.iloc[:1]),
+        check=lambda predict: assert_same_predictions(expected, predict(frame)),
     )
     return {"name": info.name, "version": str(info.version)}
+
+
+def _check_texts(cfg: ExperimentConfig, split_path: str | None) -> pd.DataFrame:
+    """The first test inputs (``text`` for classifiers, ``prompt`` for generators) as ``text``."""
+    if split_path is None:
+        return pd.DataFrame({"text": []})
+    column = "prompt" if cfg.task == "generation" else "text"
+    rows = pd.read_parquet(split_path, columns=[column]).head(LOGGED_CHECK_ROWS[cfg.task])
+    return pd.DataFrame({"text": rows[column].astype(str).tolist()})
 
 
 def promote_stage(cfg: ExperimentConfig, name: str, version: str, root: Path) -> dict:

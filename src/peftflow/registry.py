@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
+import pandas as pd
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
@@ -28,6 +31,7 @@ from peftflow.errors import RegistryError
 MODEL_ARTIFACT_PATH = "model"
 CHAMPION = "champion"
 PREVIOUS = "previous"
+LOGGED_CHECK_TAG = "peftflow.logged_model_check"
 DECISION_TAG = "peftflow.promotion.decision"
 REASON_TAG = "peftflow.promotion.reason"
 # What a served model needs at load time; pinned exactly so MLflow does not
@@ -51,8 +55,15 @@ class PromotionDecision:
     champion_metric: float | None
 
 
-# What a version's run must carry before the gate even looks at its metric.
-GATE_TAGS = {"peftflow.checks_passed": "true", "peftflow.reload_check": "passed"}
+# What a version's run must carry before the gate even looks at its metric: data and
+# tokenisation checks, the saved folder's reload check, and the logged model's reload check.
+GATE_TAGS = {
+    "peftflow.checks_passed": "true",
+    "peftflow.reload_check": "passed",
+    LOGGED_CHECK_TAG: "passed",
+}
+# A model reloaded from the store may differ from the original by float noise only.
+PREDICTION_ATOL = 1e-5
 # The promotion metric per task, when none is given (tag peftflow.task of the run).
 TASK_METRICS = {"classification": "test_f1", "generation": "test_bleu"}
 
@@ -88,6 +99,7 @@ def log_and_register_model(
     input_example: Any,
     signature: Any = None,
     pip_requirements: list[str] | None = None,
+    check: Callable[[Callable[[pd.DataFrame], Any]], None] | None = None,
 ) -> ModelVersionInfo:
     """Save ``python_model`` (with ``model_dir`` as its artifact) into run ``run_id``; register it.
 
@@ -95,6 +107,10 @@ def log_and_register_model(
     ``mlflow.pyfunc.log_model``: that needs MLflow's process-global tracking
     URI and active run, which Prefect tasks in threads would race on. The run's
     status is left alone, so an open tracker decides when the run ends.
+
+    ``check`` receives the ``predict`` of the model reloaded from the store (what a
+    server would serve) and raises :class:`RegistryError` when its outputs are wrong;
+    a model that fails it is tagged and never registered.
     """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
@@ -114,10 +130,56 @@ def log_and_register_model(
             pip_requirements=pip_requirements or default_pip_requirements(),
         )
         client.log_artifacts(run_id, str(saved), MODEL_ARTIFACT_PATH)
+    if check is not None:
+        _check_logged_model(client, run_id, check)
     _ensure_registered_model(client, model_name)
     source = f"{run.info.artifact_uri}/{MODEL_ARTIFACT_PATH}"
     registered = client.create_model_version(model_name, source, run_id=run_id)
     return ModelVersionInfo(registered.name, str(registered.version), registered.source)
+
+
+def _check_logged_model(
+    client: MlflowClient, run_id: str, check: Callable[[Callable[[pd.DataFrame], Any]], None]
+) -> None:
+    """Download the uploaded model, load it as MLflow serves it, let ``check`` judge its outputs."""
+    with tempfile.TemporaryDirectory() as scratch:
+        local = client.download_artifacts(run_id, MODEL_ARTIFACT_PATH, scratch)
+        served = mlflow.pyfunc.load_model(local)
+        try:
+            check(served.predict)
+        except RegistryError as error:
+            client.set_tag(run_id, LOGGED_CHECK_TAG, "failed")
+            raise RegistryError(
+                f"the model logged in run {run_id} does not reload to the outputs it had before "
+                f"logging, so it was not registered: {error}"
+            ) from None
+    client.set_tag(run_id, LOGGED_CHECK_TAG, "passed")
+
+
+def assert_same_predictions(
+    expected: pd.DataFrame, actual: pd.DataFrame, atol: float = PREDICTION_ATOL
+) -> None:
+    """Numbers equal within ``atol`` (float noise), everything else exactly; else RegistryError."""
+    actual = pd.DataFrame(actual).reset_index(drop=True)
+    expected = expected.reset_index(drop=True)
+    if list(actual.columns) != list(expected.columns) or len(actual) != len(expected):
+        raise RegistryError(
+            f"expected columns {list(expected.columns)} x {len(expected)} rows, "
+            f"got {list(actual.columns)} x {len(actual)} rows"
+        )
+    for column in expected.columns:
+        want, got = expected[column], actual[column]
+        if pd.api.types.is_numeric_dtype(want) and pd.api.types.is_numeric_dtype(got):
+            gap = float(np.max(np.abs(want.to_numpy(float) - got.to_numpy(float)), initial=0.0))
+            if not gap <= atol:
+                raise RegistryError(f"column {column!r} differs by up to {gap:.2e} (> {atol:g})")
+        elif want.astype(str).tolist() != got.astype(str).tolist():
+            row = next(
+                i for i, (w, g) in enumerate(zip(want, got, strict=True)) if str(w) != str(g)
+            )
+            raise RegistryError(
+                f"column {column!r} differs first at row {row}: {want[row]!r} != {got[row]!r}"
+            )
 
 
 def _ensure_registered_model(client: MlflowClient, model_name: str) -> None:
@@ -255,6 +317,23 @@ def promote_if_better(
         client, model_name, str(version), "promoted" if promoted else "refused", reason
     )
     return PromotionDecision(promoted, reason, candidate_metric, champion_version, champion_metric)
+
+
+def promote(
+    model_name: str,
+    version: str,
+    tracking_uri: str,
+    metric: str | None = None,
+    margin: float = 0.0,
+) -> PromotionDecision:
+    """The gate users run (CLI, promotion flow): every GATE_TAGS check plus the metric.
+
+    ``metric`` defaults to the candidate's task metric (test_f1 or test_bleu).
+    """
+    if margin < 0 or not math.isfinite(margin):
+        raise RegistryError(f"margin must be a finite number >= 0, got {margin}")
+    metric = metric or default_metric(model_name, version, tracking_uri)
+    return promote_if_better(model_name, version, tracking_uri, metric, margin, GATE_TAGS)
 
 
 def current_champion(

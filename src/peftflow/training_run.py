@@ -73,6 +73,7 @@ def log_base_reference(tracker, base, cfg: ExperimentConfig) -> None:
             "peftflow.base_fingerprint": base.fingerprint,
             "peftflow.base_source": base.source,
             "peftflow.base_weights": base_reference(base, cfg)["weights"],
+            "peftflow.base_revision": base.pinned_revision(),
         }
     )
     tracker.log_params({"base.location": base.location, "base.package": base.package_version or ""})
