@@ -364,16 +364,25 @@ def ui_argv(tracking_uri: str, host: str, port: int, root: Path) -> list[str]:
     return argv
 
 
+# The UI's background job runner serves GenAI features (scorers, prompt optimisation), not run
+# browsing, and costs eight more processes; an exported value still wins.
+UI_ENV_DEFAULTS = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
 def _serve_in_foreground(argv: list[str]) -> int:
     """Run the UI until it exits; Ctrl-C (or SIGTERM) here stops it and every worker it started."""
+    import os
     import signal
     import subprocess
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 
-    # Its own process group: one signal to the group reaches the server's workers too.
-    process = subprocess.Popen(argv, process_group=0)
+    # Its own process group, so one signal reaches the server's workers too, and Ctrl-C reaches
+    # only us: we stop the group with SIGTERM, which its Python processes end on quietly
+    # (SIGINT would print a KeyboardInterrupt traceback from each of them).
+    env = {**UI_ENV_DEFAULTS, **os.environ}
+    process = subprocess.Popen(argv, process_group=0, env=env)
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         return process.wait()
@@ -385,17 +394,31 @@ def _serve_in_foreground(argv: list[str]) -> int:
 
 
 def _stop_process_group(process) -> None:
-    """SIGINT to the group (a clean shutdown), SIGKILL if it is still there after a grace period."""
+    """SIGTERM to the UI's group (a clean shutdown), SIGKILL to whatever is left after a while."""
     import os
     import signal
-    import subprocess
 
-    for sig, grace_seconds in ((signal.SIGINT, 15), (signal.SIGKILL, 5)):
+    for sig in (signal.SIGTERM, signal.SIGKILL):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(grace_seconds)
+        if _group_gone(process, timeout_seconds=15):
             return
+
+
+def _group_gone(process, timeout_seconds: float) -> bool:
+    """Wait until no process of ``process``'s group is left (its workers outlive it briefly)."""
+    import os
+    import time
+
+    deadline = time.monotonic() + timeout_seconds
+    while time.monotonic() < deadline:
+        process.poll()  # reap our own child: unreaped, it would still count as in the group
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.2)
+    return False
 
 
 @app.command()

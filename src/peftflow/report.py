@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from peftflow.plots import CostAxis, MetricAxis, Reference, scatter_metric
+
 REPORT_FILE = "report.md"
 RESULTS_FILE = "results.json"
 PLOT_VS_TRAINABLE = "test_f1_vs_trainable_percent.png"
@@ -97,7 +99,8 @@ def _cell(text: str) -> str:
     return " ".join(str(text).split()).replace("|", "\\|")
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """A markdown table's lines; cells are made single-line and ``|``-safe."""
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(_cell(value) for value in row) + " |" for row in rows]
     return lines
@@ -135,7 +138,7 @@ def questions_table(results: Sequence[Row], baseline: Row | None) -> list[str]:
             + _metric_cells(baseline)
             + [_status(baseline)]
         )
-    return _table(headers, rows)
+    return markdown_table(headers, rows)
 
 
 def methods_table(results: Sequence[Row], baseline: Row | None) -> list[str]:
@@ -152,7 +155,7 @@ def methods_table(results: Sequence[Row], baseline: Row | None) -> list[str]:
             + _metric_cells(baseline)
             + [_status(baseline)]
         )
-    return _table(headers, rows)
+    return markdown_table(headers, rows)
 
 
 def question_answers(results: Sequence[Row]) -> list[str]:
@@ -226,44 +229,18 @@ def _footnotes() -> list[str]:
 # --- plots -----------------------------------------------------------------------------------
 
 
+F1_AXIS = MetricAxis("test_f1", "test F1 (%)", scale=100)
+
+
 def plot_metric_vs(
     results: Sequence[Row], baseline: Row | None, x_key: str, x_label: str, path: Path
 ) -> Path:
     """Scatter of test F1 against ``x_key`` (log scale), each point labelled with its variant."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    points = [r for r in results if r.get(x_key) is not None and r.get("test_f1") is not None]
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for row in points:
-        ax.scatter(row[x_key], 100 * row["test_f1"], color="tab:blue")
-        ax.annotate(
-            row["variant"],
-            (row[x_key], 100 * row["test_f1"]),
-            fontsize=7,
-            xytext=(3, 3),
-            textcoords="offset points",
-        )
+    references = []
     if baseline and baseline.get("test_f1") is not None:
-        ax.axhline(
-            100 * baseline["test_f1"],
-            color="tab:red",
-            linestyle="--",
-            label=f"{baseline['method']} (baseline)",
-        )
-        ax.legend(loc="lower right", fontsize=8)
-    if points:
-        ax.set_xscale("log")
-    ax.set_xlabel(x_label)
-    ax.set_ylabel("test F1 (%)")
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+        references.append(Reference(f"{baseline['method']} (baseline)", baseline["test_f1"]))
+    cost = CostAxis(x_key, x_label, log=True)
+    return scatter_metric(results, F1_AXIS, cost, path, "variant", references=references)
 
 
 def write_report(
