@@ -264,3 +264,28 @@ def test_cli_promote_defaults_to_bleu_for_generators(new_version, tracking_uri, 
     version = new_version({"test_bleu": 3.5}, tags={**CHECKS_PASSED, "peftflow.task": "generation"})
     result = CliRunner().invoke(app, ["promote", "-m", MODEL, "-v", version])
     assert result.exit_code == 0 and "test_bleu" in result.output, result.output
+
+
+def test_a_failing_registry_is_never_read_as_no_champion(new_version, tracking_uri, monkeypatch):
+    """A 503 while reading aliases must stop the gate, not promote as if there were no champion."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
+
+    version = new_version({"test_f1": 0.5})
+
+    def unavailable(self, name):
+        raise MlflowException("service unavailable", error_code=TEMPORARILY_UNAVAILABLE)
+
+    monkeypatch.setattr(MlflowClient, "get_registered_model", unavailable)
+    with pytest.raises(RegistryError, match="model registry failed .*TEMPORARILY_UNAVAILABLE"):
+        promote_if_better(MODEL, version, tracking_uri)
+    monkeypatch.undo()
+    assert current_champion(MODEL, tracking_uri) is None  # nothing was promoted
+
+
+def test_promote_against_a_stopped_server_fails_fast():
+    from peftflow.errors import PeftflowError
+    from peftflow.registry import promote
+
+    with pytest.raises(PeftflowError, match="not reachable"):
+        promote(MODEL, "1", "http://127.0.0.1:9")  # port 9 (discard): nothing listens

@@ -14,6 +14,9 @@ OFFLINE_DEFAULTS: dict[str, str] = {
     "TRANSFORMERS_OFFLINE": "1",
     "HF_HUB_DISABLE_TELEMETRY": "1",
     "MLFLOW_DISABLE_TELEMETRY": "true",
+    # A logged model gets exact pip pins; without this MLflow also copies the uv.lock and
+    # pyproject.toml of whatever folder the process happens to run in.
+    "MLFLOW_LOG_UV_FILES": "false",
     "DO_NOT_TRACK": "1",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",

@@ -140,14 +140,27 @@ def load_predictor(model: str, tracking_uri: str | None = None) -> Callable:
             f"--model {model!r} is neither a folder nor an MLflow URI; pass "
             "models:/NAME@champion, models:/NAME/VERSION, runs:/RUN_ID/model or a model folder"
         )
+    import tempfile
+
     import mlflow
 
-    local = download_model(model, tracking_uri)
-    return mlflow.pyfunc.load_model(str(local)).predict
+    # The downloaded copy lives as long as the predictor (removed when it is garbage
+    # collected or at exit), never left behind in the temp folder.
+    scratch = tempfile.TemporaryDirectory(prefix="peftflow-model-")
+    try:
+        served = mlflow.pyfunc.load_model(str(download_model(model, tracking_uri, scratch.name)))
+    except BaseException:
+        scratch.cleanup()
+        raise
+
+    def predict(frame: pd.DataFrame, _keep=scratch) -> pd.DataFrame:
+        return served.predict(frame)
+
+    return predict
 
 
-def download_model(uri: str, tracking_uri: str | None) -> Path:
-    """Fetch a registry/run model into a temporary folder with an explicit client.
+def download_model(uri: str, tracking_uri: str | None, target: str | Path | None = None) -> Path:
+    """Fetch a registry/run model into ``target`` (default: a new temporary folder).
 
     An explicit client keeps MLflow's process-global tracking and registry URIs
     untouched (other code in the process, e.g. Prefect tasks, may use other stores).
@@ -156,15 +169,23 @@ def download_model(uri: str, tracking_uri: str | None) -> Path:
 
     from mlflow.tracking import MlflowClient
 
+    from peftflow.tracking import check_tracking_server
+
+    if tracking_uri:
+        check_tracking_server(tracking_uri)
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     run_id, artifact_path = _model_artifact(client, uri)
-    target = Path(tempfile.mkdtemp(prefix="peftflow-model-"))
+    target = (
+        Path(target) if target is not None else Path(tempfile.mkdtemp(prefix="peftflow-model-"))
+    )
     return Path(client.download_artifacts(run_id, artifact_path, str(target)))
 
 
 def _model_artifact(client, uri: str) -> tuple[str, str]:
     """(run id, artifact path) behind models:/NAME@alias, models:/NAME/VERSION or runs:/ID/PATH."""
     from mlflow.exceptions import MlflowException
+
+    from peftflow.registry import NOT_FOUND_CODES
 
     if uri.startswith("runs:/"):
         run_id, _, path = uri.removeprefix("runs:/").partition("/")
@@ -178,6 +199,11 @@ def _model_artifact(client, uri: str) -> tuple[str, str]:
             name, _, number = name_part.partition("/")
             version = client.get_model_version(name, number)
     except MlflowException as err:
+        if err.error_code not in NOT_FOUND_CODES:
+            raise DataError(
+                f"--model {uri}: the registry at {client.tracking_uri} failed to answer "
+                f"({err.error_code}: {err.message}); check the tracking server and its logs"
+            ) from None
         raise DataError(
             f"--model {uri}: not in the registry ({err.message}); check the name and the "
             "alias or version (`mlflow ui` lists them)"

@@ -27,6 +27,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
 from peftflow.errors import RegistryError
+from peftflow.tracking import check_tracking_server
 
 MODEL_ARTIFACT_PATH = "model"
 CHAMPION = "champion"
@@ -64,12 +65,16 @@ GATE_TAGS = {
 }
 # A model reloaded from the store may differ from the original by float noise only.
 PREDICTION_ATOL = 1e-5
+# What a registry answers for a missing model or version (sqlite store and server alike);
+# any other error (503, 403, ...) must not be read as "no champion yet".
+NOT_FOUND_CODES = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
 # The promotion metric per task, when none is given (tag peftflow.task of the run).
 TASK_METRICS = {"classification": "test_f1", "generation": "test_bleu"}
 
 
 def default_metric(model_name: str, version: str, tracking_uri: str) -> str:
     """The promotion metric of ``version``'s task: test_f1 (classifiers), test_bleu (generators)."""
+    check_tracking_server(tracking_uri)
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     run = _get_run(client, _model_version(client, model_name, version).run_id)
     return TASK_METRICS.get(run.data.tags.get("peftflow.task", "classification"), "test_f1")
@@ -213,7 +218,8 @@ def _run_metric(client: MlflowClient, run_id: str, metric: str, who: str) -> flo
 def _model_version(client: MlflowClient, model_name: str, model_version: str) -> Any:
     try:
         found = client.get_model_version(model_name, model_version)
-    except MlflowException:
+    except MlflowException as error:
+        _raise_unless_not_found(error, f"reading {model_name!r} version {model_version}")
         raise RegistryError(
             f"model {model_name!r} has no version {model_version!r}; "
             "register it with log_and_register_model first."
@@ -230,9 +236,19 @@ def _aliases(client: MlflowClient, model_name: str) -> dict[str, str]:
     """Alias -> version of a registered model; empty when the model is not registered."""
     try:
         model = client.get_registered_model(model_name)
-    except MlflowException:
+    except MlflowException as error:
+        _raise_unless_not_found(error, f"reading the aliases of {model_name!r}")
         return {}
     return {alias: str(v) for alias, v in model.aliases.items()}
+
+
+def _raise_unless_not_found(error: MlflowException, doing: str) -> None:
+    """Re-raise a registry failure as such; only a real "not found" may mean "absent"."""
+    if error.error_code not in NOT_FOUND_CODES:
+        raise RegistryError(
+            f"model registry failed while {doing} ({error.error_code}: {error.message}); "
+            "check the tracking server and retry, nothing was changed."
+        ) from None
 
 
 def _missing_tags(run_tags: dict[str, str], require_tags: dict[str, str]) -> list[str]:
@@ -332,6 +348,7 @@ def promote(
     """
     if margin < 0 or not math.isfinite(margin):
         raise RegistryError(f"margin must be a finite number >= 0, got {margin}")
+    check_tracking_server(tracking_uri)
     metric = metric or default_metric(model_name, version, tracking_uri)
     return promote_if_better(model_name, version, tracking_uri, metric, margin, GATE_TAGS)
 
@@ -340,6 +357,7 @@ def current_champion(
     model_name: str, tracking_uri: str, metric: str = "test_f1"
 ) -> tuple[str, float | None] | None:
     """(version, its run's ``metric`` or None) of the champion; None when there is no champion."""
+    check_tracking_server(tracking_uri)
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     champion_version = _aliases(client, model_name).get(CHAMPION)
     if champion_version is None:
@@ -354,6 +372,7 @@ def rollback(model_name: str, tracking_uri: str) -> str:
     ``previous`` is consumed, so a second rollback needs a new promotion first
     (rolling back twice would otherwise bounce between two versions).
     """
+    check_tracking_server(tracking_uri)
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     aliases = _aliases(client, model_name)
     if PREVIOUS not in aliases or CHAMPION not in aliases:

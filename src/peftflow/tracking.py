@@ -10,12 +10,15 @@ sqlite store.
 from __future__ import annotations
 
 import os
+import platform
+import socket
 import time
 from collections.abc import Iterator, Mapping
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
+from urllib.parse import urlsplit
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
@@ -35,7 +38,18 @@ from peftflow.gitinfo import git_commit, git_dirty
 RUN_KEY_TAG = "peftflow.run_key"
 ERROR_TAG = "peftflow.error"
 TRUNCATION_MARK = "...[truncated]"
-VERSIONED_PACKAGES = ("torch", "transformers", "peft", "mlflow")
+# Recorded on every run (tags peftflow.versions.<package>, plus python): what produced it.
+VERSIONED_PACKAGES = (
+    "torch",
+    "transformers",
+    "peft",
+    "accelerate",
+    "mlflow",
+    "prefect",
+    "dvc",
+    "great_expectations",
+)
+SERVER_CONNECT_TIMEOUT_S = 5.0
 
 
 def resolve_tracking_uri(uri: str | None, root: Path) -> str:
@@ -56,13 +70,40 @@ def _is_local_sqlite(tracking_uri: str) -> bool:
     return tracking_uri.startswith("sqlite:")
 
 
+def check_tracking_server(tracking_uri: str, timeout: float = SERVER_CONNECT_TIMEOUT_S) -> None:
+    """Fail within ``timeout`` seconds, naming the fix, when an http(s) tracking server is down.
+
+    MLflow's client retries a refused connection with backoff for about four
+    minutes before it raises (and the registry then reads the failure as "no such
+    model"). A TCP connect tells a stopped server or a wrong URL at once; any
+    other store (sqlite, file) is local and passes untouched.
+    """
+    parts = urlsplit(tracking_uri)
+    if parts.scheme not in ("http", "https"):
+        return
+    try:
+        host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+        if not host:
+            raise ValueError("no host name")
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except (OSError, ValueError) as error:
+        raise PeftflowError(
+            f"MLflow tracking server {tracking_uri} is not reachable ({error}). Start it "
+            "(e.g. `mlflow server --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 "
+            "--port 5000`), fix tracking.tracking_uri or $MLFLOW_TRACKING_URI, or unset both "
+            "to use the project's mlflow.db."
+        ) from None
+
+
 def ensure_experiment(name: str, tracking_uri: str, root: Path) -> str:
     """Id of the experiment ``name``, created on first use.
 
     With a local sqlite store, artifacts go to ``<root>/mlruns`` (MLflow would
     otherwise pick a folder relative to the current directory). A tracking
-    server keeps its own artifact default.
+    server keeps its own artifact default (its proxied artifact store).
     """
+    check_tracking_server(tracking_uri)
     client = MlflowClient(tracking_uri)
     existing = client.get_experiment_by_name(name)
     if existing is not None:
@@ -108,6 +149,7 @@ def standard_tags(run_key: str, data_md5: str, config_hash: str, root: Path) -> 
     }
     for package in VERSIONED_PACKAGES:
         tags[f"peftflow.versions.{package}"] = _package_version(package)
+    tags["peftflow.versions.python"] = platform.python_version()
     return tags
 
 
@@ -118,6 +160,7 @@ def find_finished_run(tracking_uri: str, experiment_name: str, run_key: str) -> 
             f"run key {run_key!r} contains a quote, which MLflow filters cannot match; "
             "run keys are hex digests, so pass the value from the config hash unchanged."
         )
+    check_tracking_server(tracking_uri)
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is None or experiment.lifecycle_stage == "deleted":
