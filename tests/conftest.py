@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
 import os
 import random
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +14,7 @@ import pandas as pd
 import pytest
 
 import peftflow  # noqa: F401  (sets the offline environment switches first)
+from tests.servers import background, free_port, wait_healthy
 
 TINY_KINDS = ("bert", "llama", "gpt2")
 
@@ -223,33 +217,6 @@ def prefect_server(tmp_path_factory):
 MLFLOW_SERVER_STARTUP_TIMEOUT_S = 120
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
-def _stop_process_group(process: subprocess.Popen) -> None:
-    """SIGTERM the server's process group (uvicorn is a child); SIGKILL whatever is left."""
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(timeout=15)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait(timeout=5)
-
-
 @pytest.fixture(scope="session")
 def mlflow_server_dir(tmp_path_factory) -> Path:
     """The folder of the session's MLflow server: server.db, artifacts/, server.log."""
@@ -263,7 +230,7 @@ def mlflow_server(mlflow_server_dir: Path) -> Iterator[str]:
     One worker and no job runner (its consumers are a dozen processes on two cores).
     The server runs in its own process group, which is always ended, also on failure.
     """
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     log_path = mlflow_server_dir / "server.log"
     command = [
@@ -288,28 +255,6 @@ def mlflow_server(mlflow_server_dir: Path) -> Iterator[str]:
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
     }
     env.pop("MLFLOW_TRACKING_URI", None)
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            command,
-            cwd=mlflow_server_dir,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + MLFLOW_SERVER_STARTUP_TIMEOUT_S
-        while not _healthy(url):
-            if process.poll() is not None or time.monotonic() > deadline:
-                state = (
-                    f"exited with code {process.returncode}"
-                    if process.poll() is not None
-                    else f"not healthy after {MLFLOW_SERVER_STARTUP_TIMEOUT_S} s"
-                )
-                tail = log_path.read_text(errors="replace")[-4000:]
-                pytest.fail(f"mlflow server at {url} {state}; log tail:\n{tail}", pytrace=False)
-            time.sleep(0.5)
+    with background(command, env, mlflow_server_dir, log_path) as process:
+        wait_healthy(f"{url}/health", process, log_path, MLFLOW_SERVER_STARTUP_TIMEOUT_S)
         yield url
-    finally:
-        _stop_process_group(process)

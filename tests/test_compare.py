@@ -6,12 +6,9 @@ import csv
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -35,6 +32,7 @@ from peftflow.compare import (
 )
 from peftflow.errors import PeftflowError
 from peftflow.tracking import RunTracker, ensure_experiment
+from tests.servers import free_port, wait_healthy
 
 EXPERIMENT = "variants"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -474,12 +472,6 @@ def test_cli_ui_refuses_a_remote_host_without_allow_remote(tmp_path):
 # --- the UI as a real server -------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def session_members(session_id: int) -> list[int]:
     """Live processes of a session (Linux /proc; zombies are dead and not counted)."""
     members = []
@@ -491,21 +483,6 @@ def session_members(session_id: int) -> list[int]:
         if int(fields[3]) == session_id and fields[0] != "Z":
             members.append(int(stat.parent.name))
     return members
-
-
-def wait_for_health(url: str, process: subprocess.Popen, log: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"peftflow ui exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"{url} did not answer within {timeout} s:\n{log.read_text()[-3000:]}")
 
 
 def stop_session(process: subprocess.Popen, timeout: float) -> bool:
@@ -539,7 +516,7 @@ def test_peftflow_ui_serves_the_store_and_stops_on_ctrl_c(empty_store, tmp_path)
             env=env,
         )
     try:
-        wait_for_health(f"http://127.0.0.1:{port}/health", process, log, timeout=90)
+        wait_healthy(f"http://127.0.0.1:{port}/health", process, log, timeout=90)
         assert f"MLflow UI: http://127.0.0.1:{port}" in log.read_text()
         assert stop_session(process, timeout=30), f"still running:\n{log.read_text()[-3000:]}"
         assert process.wait(5) == 0
