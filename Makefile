@@ -45,3 +45,30 @@ ingest: setup
 
 clean:
 	rm -rf outputs .cache mlflow.db mlruns
+
+# --- servers and workers (see infra/README.md) -----------------------------------------------
+PREFECT_PORT ?= 4200
+MLFLOW_PORT ?= 5000
+POOL ?= cpu
+WORKER_LIMIT ?= 1
+.PHONY: up down status deploy worker
+
+# Prefect + MLflow servers on 127.0.0.1 in the background (pids/logs in .run/), work pool "cpu".
+up: setup
+	PREFECT_PORT=$(PREFECT_PORT) MLFLOW_PORT=$(MLFLOW_PORT) infra/local-servers.sh up
+
+down:
+	infra/local-servers.sh down
+
+status:
+	PREFECT_PORT=$(PREFECT_PORT) MLFLOW_PORT=$(MLFLOW_PORT) infra/local-servers.sh status
+
+# The deployments of prefect.yaml (finetune, study, refresh nightly, promote, rollback).
+deploy: setup
+	PREFECT_API_URL=$${PREFECT_API_URL:-http://127.0.0.1:$(PREFECT_PORT)/api} \
+		$(BIN)/prefect deploy --all --no-prompt
+
+# A process worker for POOL; its flow runs start in this checkout (prefect.yaml pull step).
+worker: setup
+	PREFECT_API_URL=$${PREFECT_API_URL:-http://127.0.0.1:$(PREFECT_PORT)/api} PEFTFLOW_ROOT=$(CURDIR) \
+		$(BIN)/prefect worker start --pool $(POOL) --type process --limit $(WORKER_LIMIT)

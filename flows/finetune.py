@@ -18,12 +18,17 @@ def finetune(
     remote_url: str | None = None,
     run_baseline: bool = True,
     force: bool = False,
+    ingested: dict | None = None,
 ) -> dict:
-    """Run one experiment config end to end; an unchanged run key is served from cache."""
+    """Run one experiment config end to end; an unchanged run key is served from cache.
+
+    ``ingested`` is the ingest result of a caller that already ingested this config's data
+    (the refresh flow, for several configs); without it the flow ingests itself.
+    """
     logger = get_run_logger()
     cfg = load_config(config_path, overrides)
     base = Path(root).resolve()
-    ingested = data.ingest(cfg, base, remote_url)
+    ingested = ingested or data.ingest(cfg, base, remote_url)
     md5 = ingested["data_md5"]
     reports = base / "outputs" / "reports" / f"{cfg.name}-{md5}"
     raw = data.validate_raw(cfg, ingested["table_path"], reports)
