@@ -248,6 +248,13 @@ def study(
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Validate every variant and list them; train nothing."
     ),
+    max_parallel: int | None = typer.Option(
+        None,
+        "--max-parallel",
+        min=1,
+        help="Variants training at once, each in its own process (default: the study's "
+        "max_parallel, else 1, or one per GPU with 2+ GPUs).",
+    ),
 ) -> None:
     """Run a sweep of variants as one Prefect flow; report under reports/<study>/."""
     import shlex
@@ -272,6 +279,7 @@ def study(
             command=command,
             force=force,
             remote_url=remote,
+            max_parallel=max_parallel,
         )
     except PeftflowError as err:
         _fail(err)

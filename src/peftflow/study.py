@@ -81,6 +81,9 @@ class StudyConfig(_Frozen):
     # Add one variant per registry method that applies to the base model here.
     all_methods: bool = False
     variants: tuple[VariantSpec, ...] = ()
+    # Variants training at once (each in its own process); None: one per GPU on a host
+    # with two or more, else 1. How a study runs, not what it is: not part of its hash.
+    max_parallel: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _check(self) -> StudyConfig:
@@ -340,13 +343,19 @@ def tokeniser_key(config: ExperimentConfig) -> str:
     return f"{readable}-{model.max_length}-{digest}"
 
 
+def study_identity(study: StudyConfig) -> str:
+    """sha256 of what the study is (16 hex chars); how it runs (max_parallel) is left out."""
+    identity = study.model_dump_json(exclude={"max_parallel"})
+    return hashlib.sha256(identity.encode()).hexdigest()[:16]
+
+
 @contextmanager
 def parent_run(plan: StudyPlan, data_md5: str, root: Path, command: str) -> Iterator[RunTracker]:
     """The study's MLflow run; variant runs nest under it. FAILED if the block raises."""
     reference = plan.reference
     uri = resolve_tracking_uri(reference.tracking.tracking_uri, Path(root))
     experiment_id = ensure_experiment(reference.tracking.experiment, uri, Path(root))
-    study_hash = hashlib.sha256(plan.study.model_dump_json().encode()).hexdigest()[:16]
+    study_hash = study_identity(plan.study)
     tags = {
         **standard_tags(f"study-{study_hash}-{data_md5}", data_md5, study_hash, Path(root)),
         "peftflow.kind": "study",
@@ -362,6 +371,18 @@ def parent_run(plan: StudyPlan, data_md5: str, root: Path, command: str) -> Iter
         tracker.start(experiment_id, f"study-{plan.study.name}", tags, params)
         tracker.log_dict(plan.study.model_dump(mode="json"), "study.json")
         yield tracker
+
+
+def variant_parallelism(requested: int | None) -> int:
+    """How many variants train at once: as requested, else one per GPU (2+ GPUs), else 1."""
+    if requested is not None:
+        if requested < 1:
+            raise ConfigError(f"max_parallel must be 1 or more, got {requested}")
+        return requested
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return gpus if gpus >= 2 else 1
 
 
 def variant_result(

@@ -3,6 +3,11 @@
 Texts are tokenised once up front (no padding); training batches are padded as
 ``model.padding`` says (see ``train_padding``), evaluation batches always to their
 own longest (see ``predict_logits``).
+
+Under a multi-process launch (``accelerate launch -m peftflow.distributed``) the
+same loop trains data-parallel: every process shards each micro-batch, gradients
+are summed over the processes before each optimizer step, and rank 0 alone
+validates (see :mod:`peftflow.distributed`). In one process nothing of that runs.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from peftflow.config import ExperimentConfig, TrainConfig
+from peftflow.distributed import Replicas, data_parallel
 from peftflow.errors import TrainingError
 from peftflow.methods import METHODS
 from peftflow.metrics import classification_metrics
@@ -53,6 +59,8 @@ class TrainOutcome:
     tokens_per_second: float = 0.0
     peak_memory_mb: float = 0.0
     device: str = "cpu"
+    processes: int = 1  # data-parallel replicas that trained together
+    weights_digest: str = ""  # sha256 of the trainable weights all replicas agreed on (N > 1)
 
 
 def set_seed(seed: int) -> None:
@@ -312,15 +320,16 @@ def train_classifier(
 def train_model(
     model: nn.Module, objective: Objective, cfg: ExperimentConfig, on_epoch: EpochCallback | None
 ) -> TrainOutcome:
-    """Train for ``cfg.train.epochs``; keep the weights of the best validation epoch."""
+    """Train for ``cfg.train.epochs``; keep the weights of the best validation epoch.
+
+    In a multi-process launch every process calls this with the same arguments;
+    rank 0 validates and calls ``on_epoch``, the others receive its metrics.
+    """
     tc = cfg.train
     if not objective.lengths:
         raise TrainingError("the train split is empty; check data.split fractions and the data")
     set_seed(cfg.seed)
-    device = pick_device(tc.device)
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
-    model.to(device)
+    device, replicas = _place(model, tc)
     n_train = len(objective.lengths)
     steps_per_epoch = math.ceil(n_train / (tc.batch_size * tc.grad_accum_steps))
     optimizer = make_optimizer(model, tc, device)
@@ -328,19 +337,22 @@ def train_model(
     method = METHODS[cfg.method.name]
     if method.prepare_training is not None:  # e.g. AdaLoRA's rank-budget schedule
         method.prepare_training(model, cfg.method, steps_per_epoch * tc.epochs)
-    outcome = TrainOutcome(device=str(device))
+    outcome = TrainOutcome(device=str(device), processes=replicas.size if replicas else 1)
     best, best_state = None, None
     started = time.perf_counter()
     for epoch in range(1, tc.epochs + 1):
-        train_loss = _run_epoch(model, objective, cfg, optimizer, scheduler, device, epoch)
-        metrics = {"epoch": float(epoch), "train_loss": train_loss, **objective.validate(model)}
+        train_loss = _run_epoch(model, objective, cfg, optimizer, scheduler, replicas, epoch)
+        metrics = {"epoch": float(epoch), "train_loss": train_loss}
+        metrics.update(_validate(model, objective, replicas))
         outcome.history.append(metrics)
-        if on_epoch:
+        if on_epoch and (replicas is None or replicas.is_main):
             on_epoch(epoch, metrics)
         if objective.improves(metrics[objective.best_metric], best):
             best, outcome.best_epoch = metrics[objective.best_metric], epoch
             best_state = trained_state(model) if tc.restore_best_epoch else None
     outcome.train_seconds = time.perf_counter() - started
+    if replicas:
+        outcome.weights_digest = replicas.require_in_sync(model)
     if best_state is not None and outcome.best_epoch != tc.epochs:
         model.load_state_dict(best_state, strict=False)
     outcome.examples_per_second = n_train * tc.epochs / outcome.train_seconds
@@ -349,9 +361,33 @@ def train_model(
     return outcome
 
 
-def _run_epoch(model, objective: Objective, cfg, optimizer, scheduler, device, epoch) -> float:
-    """One pass over the training data; returns the mean loss. Raises on a non-finite loss."""
+def _place(model: nn.Module, tc: TrainConfig) -> tuple[torch.device, Replicas | None]:
+    """Move the model to its device; in a multi-process launch, also sync the replicas."""
+    replicas = data_parallel(tc.device)
+    device = replicas.device if replicas else pick_device(tc.device)
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    model.to(device)
+    if replicas:
+        replicas.broadcast_trainable(model)
+    return device, replicas
+
+
+def _validate(model: nn.Module, objective: Objective, replicas: Replicas | None) -> dict:
+    """The epoch's validation metrics: computed by rank 0, the same on every replica."""
+    if replicas is None:
+        return objective.validate(model)
+    return replicas.broadcast(objective.validate(model) if replicas.is_main else None)
+
+
+def _run_epoch(model, objective: Objective, cfg, optimizer, scheduler, replicas, epoch) -> float:
+    """One pass over the training data; returns the mean loss. Raises on a non-finite loss.
+
+    With ``replicas`` each process runs its shard of every step and the step's
+    gradients and loss are summed over the processes before the optimizer step.
+    """
     tc = cfg.train
+    device = next(model.parameters()).device
     model.train()
     # Length grouping saves compute only when a batch is padded to its own longest;
     # under a fixed width, or no padding, it would only make batches less random.
@@ -365,7 +401,10 @@ def _run_epoch(model, objective: Objective, cfg, optimizer, scheduler, device, e
     losses = []
     bar = tqdm(steps, desc=f"epoch {epoch}/{tc.epochs}", disable=not tc.progress, leave=False)
     for step, micro_batches in enumerate(bar, start=1):
-        losses.append(_accumulate_gradients(model, objective, micro_batches, device))
+        step_loss = _accumulate_gradients(model, objective, micro_batches, device, replicas)
+        if replicas:
+            step_loss = replicas.all_reduce_gradients(trainable, step_loss)
+        losses.append(step_loss)
         if method.extra_loss:  # a function of the weights only: once per optimizer step
             method.extra_loss(model).backward()
         _optimizer_step(trainable, optimizer, scheduler, tc.max_grad_norm, after_step)
@@ -381,15 +420,20 @@ def _accumulate_gradients(
     objective: Objective,
     micro_batches: list[list[int]],
     device: torch.device,
+    replicas: Replicas | None = None,
 ) -> torch.Tensor:
     """Forward + backward every micro-batch of one optimizer step; returns the step's mean loss.
 
     Each micro-batch adds its summed loss divided by the step's loss units (examples
     or target tokens), so the accumulated gradient is the mean over the whole step
     whatever the micro-batch sizes (one example each under padding "none", a short
-    last batch).
+    last batch). With ``replicas`` this process runs only its shard of each
+    micro-batch, still divided by the units of the whole step, so the sum over the
+    processes is that mean (and the loss returned is this process's part of it).
     """
     units = sum(objective.loss_units(idx) for idx in micro_batches)
+    if replicas:
+        micro_batches = [shard for shard in map(replicas.shard, micro_batches) if shard]
     step_loss = torch.zeros((), device=device)
     for idx in micro_batches:
         loss = objective.summed_loss(model, idx, device) / max(units, 1)

@@ -1,0 +1,351 @@
+"""Data-parallel training of one experiment over N processes (DDP through accelerate).
+
+Launch one process per GPU (NCCL); on a host without a visible GPU the same
+command starts N CPU processes over gloo::
+
+    accelerate launch --multi_gpu --num_processes N -m peftflow.distributed --config FILE
+    torchrun --standalone --nproc_per_node N -m peftflow.distributed --config FILE
+
+(``accelerate launch --cpu`` starts its extra processes through MPI only; hide the
+GPUs with ``CUDA_VISIBLE_DEVICES=`` to run gloo on a GPU host.)
+
+Every process holds a replica of the model. ``train.batch_size`` stays the *global*
+batch: each process takes every N-th example of every micro-batch
+(:meth:`Replicas.shard`), the gradients of a step are summed over the processes
+(:meth:`Replicas.all_reduce_gradients`) and every replica takes the same optimizer
+step, so a run computes the same thing as one process with the same config (up
+to float summation order) and keeps its run key. Rank 0 alone prepares and checks
+the data, validates each epoch, logs to MLflow, evaluates, saves and registers;
+at the end the replicas must hold bit-identical trainable weights.
+
+The training loop (:mod:`peftflow.training`) asks :func:`data_parallel` for the
+replicas and gets ``None`` in a single process, so that path is unchanged.
+
+Gradients are reduced explicitly after each optimizer step's micro-batches rather
+than by torch's ``DistributedDataParallel`` wrapper: a shard may be short or empty
+(padding "none" runs one example per micro-batch; the last batch is short), which
+the wrapper's per-backward hooks cannot take, and methods with hooks (AdaLoRA) keep
+seeing the unwrapped model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from peftflow.config import ExperimentConfig
+from peftflow.errors import PeftflowError, TrainingError
+
+logger = logging.getLogger("peftflow.distributed")
+
+# Ranks > 0 wait in a collective while rank 0 ingests and checks the data, and
+# while it validates each epoch: allow for a slow first ingest.
+PROCESS_GROUP_TIMEOUT = timedelta(hours=2)
+
+
+def world_size() -> int:
+    """Processes in this launch (``WORLD_SIZE``, set by accelerate launch / torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@dataclass(frozen=True)
+class Replicas:
+    """This process's place among the N replicas, and the collectives the loop needs."""
+
+    rank: int
+    size: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, idx: Sequence[int]) -> list[int]:
+        """This rank's share of a micro-batch: every ``size``-th example (may be empty)."""
+        return list(idx[self.rank :: self.size])
+
+    def broadcast(self, value: Any) -> Any:
+        """Rank 0's ``value`` (any picklable object) on every rank."""
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0, device=self._comm_device)
+        return box[0]
+
+    def broadcast_trainable(self, model: torch.nn.Module) -> None:
+        """Start every replica from rank 0's trainable weights (as DDP does)."""
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.requires_grad:
+                    torch.distributed.broadcast(param.data, src=0)
+
+    def all_reduce_gradients(
+        self, params: list[torch.nn.Parameter], step_loss: torch.Tensor
+    ) -> torch.Tensor:
+        """Sum gradients (and the step's loss) over the ranks in one collective.
+
+        Each rank's loss is its shard's summed loss divided by the units of the whole
+        step, so the sum is the gradient of the global mean. A parameter that got no
+        gradient on any rank keeps ``grad=None`` (AdamW then skips it, as it would
+        in one process). Returns the step's global loss, the same on every rank.
+        """
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        present = [float(p.grad is not None) for p in params]
+        flat = torch.cat(
+            [g.reshape(-1).float() for g in grads]
+            + [torch.tensor(present, device=step_loss.device), step_loss.reshape(1).float()]
+        )
+        torch.distributed.all_reduce(flat)
+        offset = 0
+        for param, grad in zip(params, grads, strict=True):
+            summed = flat[offset : offset + grad.numel()].view_as(grad).to(grad.dtype)
+            param.grad = summed
+            offset += grad.numel()
+        got_grad = flat[offset : offset + len(params)]
+        for param, count in zip(params, got_grad.tolist(), strict=True):
+            if count == 0:
+                param.grad = None
+        return flat[-1]
+
+    def require_in_sync(self, model: torch.nn.Module) -> str:
+        """sha256 of the trainable weights; raises unless every replica has the same."""
+        digest = trainable_digest(model)
+        digests = [None] * self.size
+        torch.distributed.all_gather_object(digests, digest)
+        # One write per line: the ranks share the launcher's stdout.
+        sys.stdout.write(f"peftflow ddp rank {self.rank}/{self.size} weights sha256 {digest}\n")
+        sys.stdout.flush()
+        if len(set(digests)) != 1:
+            raise TrainingError(
+                f"data-parallel replicas diverged (weight digests {digests}); every rank must "
+                "run the same config and code"
+            )
+        return digest
+
+    @property
+    def _comm_device(self) -> torch.device | None:
+        return self.device if self.backend == "nccl" else None
+
+
+def trainable_digest(model: torch.nn.Module) -> str:
+    """A fingerprint of the trainable weights (bytes, in parameter order)."""
+    sha = hashlib.sha256()
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            sha.update(name.encode())
+            sha.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return sha.hexdigest()
+
+
+def data_parallel(requested_device: str = "auto") -> Replicas | None:
+    """The replicas of a multi-process launch; ``None`` in a single process.
+
+    Initialises the process group on first use through accelerate's
+    ``PartialState``: NCCL with one GPU per process when CUDA is visible (and
+    ``train.device`` is not "cpu"), else gloo on the CPU.
+    """
+    if world_size() <= 1:
+        return None
+    from accelerate import PartialState
+
+    if requested_device == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("train.device is 'cuda' but no CUDA GPU is visible; use 'auto'")
+    state = PartialState(cpu=_use_cpu(requested_device), timeout=PROCESS_GROUP_TIMEOUT)
+    return Replicas(state.process_index, state.num_processes, state.device, str(state.backend))
+
+
+def _use_cpu(requested_device: str) -> bool:
+    forced = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    return forced or requested_device == "cpu" or not torch.cuda.is_available()
+
+
+# --- the launch path ------------------------------------------------------------------
+
+
+def prepare_data(cfg: ExperimentConfig, root: Path, remote_url: str | None) -> dict:
+    """Rank 0: ingest, the three data checks and the split (the finetune flow's data stages)."""
+    from peftflow import pipeline
+
+    ingested = pipeline.ingest_stage(cfg, root, remote_url)
+    md5 = ingested["data_md5"]
+    reports = root / "outputs" / "reports" / f"{cfg.name}-{md5}"
+    raw = pipeline.validate_raw_stage(cfg, ingested["table_path"], reports)
+    splits = pipeline.split_stage(cfg, ingested["table_path"], md5, root)
+    leakage = pipeline.validate_splits_stage(splits["paths"], reports)
+    tokens = pipeline.tokenisation_stage(cfg, splits["paths"], reports)
+    report_paths = raw["report_paths"] + leakage["report_paths"] + tokens["report_paths"]
+    return {"data_md5": md5, "split_paths": splits["paths"], "report_paths": report_paths}
+
+
+def train_replica(cfg: ExperimentConfig, split_paths: dict[str, str]) -> None:
+    """Ranks > 0: build the same model, encode the same split, run the same loop; log nothing."""
+    from peftflow.model_io import build_for_training
+    from peftflow.pipeline import load_splits
+    from peftflow.training import train_model
+
+    splits = load_splits(split_paths)
+    model, tokenizer, _ = build_for_training(cfg)
+    train_model(model, _objective(cfg, tokenizer, splits), cfg, on_epoch=None)
+
+
+def _objective(cfg: ExperimentConfig, tokenizer, splits):
+    """The task's objective, built exactly as the main process's run builds it."""
+    pad_id = tokenizer.pad_token_id
+    if cfg.task == "generation":
+        from peftflow.causal_lm import generation_objective
+        from peftflow.generation_run import capped_splits, encode_splits
+
+        _, encoded = encode_splits(cfg, tokenizer, capped_splits(cfg, splits))
+        return generation_objective(encoded["train"], encoded["val"], cfg, pad_id)
+    from peftflow.training import classification_objective
+    from peftflow.training_run import encode_splits
+
+    encoded = encode_splits(cfg, tokenizer, splits)
+    return classification_objective(encoded["train"], encoded["val"], cfg, pad_id)
+
+
+def run(cfg: ExperimentConfig, root: Path, remote_url: str | None, force: bool) -> dict | None:
+    """Train ``cfg`` data-parallel; rank 0 returns the summary, other ranks ``None``."""
+    replicas = data_parallel(cfg.train.device)
+    if replicas is None:
+        raise PeftflowError(
+            "peftflow.distributed runs under a launcher: `accelerate launch --multi_gpu "
+            "--num_processes N -m peftflow.distributed --config FILE` (or `torchrun "
+            "--nproc_per_node N -m peftflow.distributed ...`); for one process use "
+            "`peftflow run --config FILE`"
+        )
+    plan = replicas.broadcast(_plan(cfg, root, remote_url, force) if replicas.is_main else None)
+    if "error" in plan:  # rank 0 raised it; the other ranks stop too, without a traceback
+        raise PeftflowError(f"rank 0 could not prepare the data: {plan['error']}")
+    if plan["cached"]:
+        return _cached(cfg, plan, root) if replicas.is_main else None
+    if not replicas.is_main:
+        train_replica(cfg, plan["split_paths"])
+        return None
+    return _train_and_register(cfg, plan, root, replicas)
+
+
+def _plan(cfg: ExperimentConfig, root: Path, remote_url: str | None, force: bool) -> dict:
+    """Rank 0: the checked data and the cached run, if any; a data failure as ``error``."""
+    from peftflow import pipeline
+
+    try:
+        plan = prepare_data(cfg, root, remote_url)
+    except PeftflowError as err:
+        return {"error": f"{type(err).__name__}: {err}"}
+    plan["cached"] = None if force else pipeline.cached_run(cfg, plan["data_md5"], root)
+    return plan
+
+
+def _train_and_register(cfg: ExperimentConfig, plan: dict, root: Path, replicas) -> dict:
+    """Rank 0: the MLflow run (training with the other ranks), then register and promote."""
+    from peftflow import pipeline
+
+    args = (cfg, plan["split_paths"], plan["data_md5"], plan["report_paths"], root)
+    result = pipeline.train_stage(*args)
+    _tag_run(cfg, root, result["run_id"], replicas)
+    summary = {"config": cfg.name, "run_key": cfg.run_key(plan["data_md5"]), "finetune": result}
+    if cfg.tracking.register_model:
+        test_path = plan["split_paths"]["test"]
+        version = pipeline.register_stage(
+            cfg, result["run_id"], result["model_dir"], root, test_path
+        )
+        summary["registered"] = version
+        summary["promotion"] = pipeline.promote_stage(
+            cfg, version["name"], version["version"], root
+        )
+    return summary
+
+
+def _cached(cfg: ExperimentConfig, plan: dict, root: Path) -> dict:
+    from peftflow import pipeline
+
+    logger.info(
+        "run key %s already trained as run %s", cfg.run_key(plan["data_md5"]), plan["cached"]
+    )
+    result = pipeline.run_summary(cfg, plan["cached"], root)
+    return {"config": cfg.name, "run_key": cfg.run_key(plan["data_md5"]), "finetune": result}
+
+
+def _tag_run(cfg: ExperimentConfig, root: Path, run_id: str, replicas: Replicas) -> None:
+    """How the run was trained: processes, backend, and that the replicas ended in sync."""
+    from mlflow import MlflowClient
+
+    from peftflow.pipeline import tracking_uri
+
+    client = MlflowClient(tracking_uri(cfg, root))
+    tags = {
+        "peftflow.ddp.processes": str(replicas.size),
+        "peftflow.ddp.backend": replicas.backend,
+        "peftflow.ddp.replicas_in_sync": "true",  # train_model raises otherwise
+    }
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="accelerate launch --num_processes N -m peftflow.distributed",
+        description="Train one experiment data-parallel (rank 0 logs, saves and registers).",
+    )
+    parser.add_argument("--config", "-c", required=True, help="Experiment YAML.")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--root", default=".", help="Project folder (data/, mlflow.db, outputs/).")
+    parser.add_argument("--remote", default=None, help="DVC remote URL.")
+    parser.add_argument("--force", action="store_true", help="Retrain a cached run key.")
+    return parser.parse_args(argv)
+
+
+def _overrides(pairs: list[str]) -> dict[str, Any]:
+    import yaml
+
+    parsed = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise PeftflowError(f"--set expects KEY=VALUE (e.g. train.epochs=2), got {pair!r}")
+        parsed[key.strip()] = yaml.safe_load(value)
+    return parsed
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from peftflow.config import load_config
+
+    args = _parse_args(argv)
+    try:
+        cfg = load_config(args.config, _overrides(args.overrides))
+        summary = run(cfg, Path(args.root).resolve(), args.remote, args.force)
+    except PeftflowError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if summary is not None:
+        _print_summary(summary)
+    return 0
+
+
+def _print_summary(summary: dict) -> None:
+    result = summary["finetune"]
+    state = "served from cache" if result.get("cached") else f"trained as run {result['run_id']}"
+    print(f"{summary['config']}: run key {summary['run_key']} {state}", flush=True)
+    metrics = result.get("metrics", {})
+    shown = {k: round(v, 4) for k, v in metrics.items() if k.startswith("test_")}
+    print(f"test metrics: {shown}", flush=True)
+    if "promotion" in summary:
+        version = summary["registered"]
+        print(f"{version['name']} v{version['version']}: {summary['promotion']['reason']}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

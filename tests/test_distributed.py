@@ -1,0 +1,240 @@
+"""Data-parallel training: shard math in one process, two gloo replicas, the accelerate launch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from peftflow.distributed import Replicas, data_parallel, main
+from peftflow.model_io import build_for_training
+from peftflow.modeling import trained_state
+from peftflow.training import (
+    _accumulate_gradients,
+    batch_order,
+    classification_objective,
+    optimizer_steps,
+    train_classifier,
+)
+from tests.conftest import synthetic_spam_table
+from tests.servers import free_port
+from tests.test_methods import encoded_table, tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCH_TIMEOUT_S = 150
+CPU_ONLY = {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+
+
+def no_dropout_lora(model_dir, **train_fields):
+    """Tiny LoRA classifier config; dropout off so shards and one process see the same masks."""
+    cfg = tiny_config(model_dir, "lora", lora={"r": 4, "alpha": 8, "dropout": 0.0})
+    train = cfg.train.model_copy(update={"restore_best_epoch": False, **train_fields})
+    return cfg.model_copy(update={"train": train})
+
+
+def build_without_dropout(cfg):
+    model, tokenizer, _ = build_for_training(cfg)
+    model.dropout.p = 0.0  # the classifier head's dropout
+    return model, tokenizer
+
+
+def fake_rank(rank: int, size: int = 2) -> Replicas:
+    """A rank for the shard arithmetic only (no process group behind it)."""
+    return Replicas(rank, size, torch.device("cpu"), "none")
+
+
+# --- one process ---------------------------------------------------------------------------
+
+
+def test_a_single_process_has_no_replicas(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert data_parallel() is None
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert data_parallel() is None
+
+
+def test_shards_split_every_micro_batch_once_even_when_short_or_empty():
+    for batch in ([0, 1, 2, 3, 4], [7], []):
+        shards = [fake_rank(rank, 3).shard(batch) for rank in range(3)]
+        assert sorted(i for shard in shards for i in shard) == sorted(batch)
+    assert fake_rank(1).shard([9]) == []
+
+
+@pytest.mark.parametrize("padding", ["longest", "none"])
+def test_shard_gradients_sum_to_the_one_process_gradient(tiny_models, padding):
+    """What the all-reduce sums (each rank's shard over the step's units) is the full gradient."""
+    cfg = no_dropout_lora(tiny_models["llama"], grad_accum_steps=2)
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"padding": padding})})
+    model, tokenizer = build_without_dropout(cfg)
+    data = encoded_table(cfg, tokenizer, n=21)  # 21 = short last batch, odd shards
+    objective = classification_objective(data, data, cfg, tokenizer.pad_token_id)
+    batches = batch_order(objective.lengths, cfg.train.batch_size, cfg.seed, 1, True)
+    step = optimizer_steps(batches, 2, unpadded=padding == "none")[-1]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    with torch.no_grad():  # LoRA's B starts at zero, which would zero A's gradient
+        for param in trainable:
+            param.add_(0.01 * torch.randn_like(param))
+
+    def grads(rank=None):
+        model.zero_grad(set_to_none=True)
+        replicas = None if rank is None else fake_rank(rank)
+        loss = _accumulate_gradients(model, objective, step, torch.device("cpu"), replicas)
+        return loss, [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in trainable]
+
+    full_loss, full = grads()
+    (loss0, part0), (loss1, part1) = grads(0), grads(1)
+    assert torch.allclose(loss0 + loss1, full_loss, atol=1e-6)
+    for whole, first, second in zip(full, part0, part1, strict=True):
+        assert torch.allclose(first + second, whole, atol=1e-6)
+
+
+def test_module_refuses_to_run_without_a_launcher(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    path = tmp_path / "x.yaml"
+    path.write_text(yaml.safe_dump({"name": "x"}))
+    assert main(["--config", str(path), "--root", str(tmp_path)]) == 2
+    assert "accelerate launch --multi_gpu --num_processes N" in capsys.readouterr().err
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_data_failure_on_rank_0_is_sent_to_the_other_ranks_not_raised(tmp_path):
+    from peftflow.config import parse_config
+    from peftflow.distributed import _plan
+
+    missing = {"source": "table", "path": str(tmp_path / "missing.csv")}
+    cfg = parse_config({"name": "x", "data": missing})
+    plan = _plan(cfg, tmp_path, None, force=False)
+    assert set(plan) == {"error"} and "missing.csv" in plan["error"]
+
+
+# --- two gloo processes ----------------------------------------------------------------------
+
+
+def _replica(rank: int, size: int, port: int, model_dir: str, out_dir: str, fields: dict) -> None:
+    """One of ``size`` spawned processes: the training loop joins a gloo group of ``size``."""
+    env = {"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": size, "LOCAL_WORLD_SIZE": size}
+    os.environ.update({k: str(v) for k, v in env.items()})
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **CPU_ONLY)
+    torch.set_num_threads(1)
+    outcome, model = _train(Path(model_dir), fields)
+    saved = {"history": outcome.history, "state": trained_state(model)}
+    saved.update(digest=outcome.weights_digest, processes=outcome.processes)
+    torch.save(saved, Path(out_dir) / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def _train(model_dir: Path, fields: dict):
+    cfg = no_dropout_lora(model_dir, **fields)
+    model, tokenizer = build_without_dropout(cfg)
+    data = encoded_table(cfg, tokenizer, n=45)
+    return train_classifier(model, data, data, cfg, tokenizer.pad_token_id), model
+
+
+def _spawn(size: int, *args) -> None:
+    """Start ``size`` replicas; fail (and stop them) if they do not finish in time."""
+    context = torch.multiprocessing.start_processes(
+        _replica, args=(size, *args), nprocs=size, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"replicas did not finish in {LAUNCH_TIMEOUT_S} s")
+
+
+@pytest.mark.slow
+def test_two_gloo_replicas_stay_identical_and_match_one_process(tiny_models, tmp_path):
+    fields = {"epochs": 2, "grad_accum_steps": 2}
+    _spawn(2, free_port(), str(tiny_models["llama"]), str(tmp_path), fields)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+
+    assert ranks[0]["processes"] == 2 and ranks[0]["digest"] == ranks[1]["digest"]
+    assert ranks[0]["history"] == ranks[1]["history"]  # rank 0's validation, broadcast
+    for name, tensor in ranks[0]["state"].items():
+        assert torch.equal(tensor, ranks[1]["state"][name]), name
+
+    # One process, same config, same global batch: the same run up to float summation order.
+    outcome, model = _train(tiny_models["llama"], fields)
+    assert outcome.processes == 1 and outcome.weights_digest == ""
+    for single, parallel in zip(outcome.history, ranks[0]["history"], strict=True):
+        assert parallel["train_loss"] == pytest.approx(single["train_loss"], rel=1e-5)
+        assert parallel["val_f1"] == pytest.approx(single["val_f1"], abs=1e-9)
+    for name, tensor in trained_state(model).items():
+        assert torch.allclose(ranks[0]["state"][name], tensor, atol=1e-5), name
+
+
+# --- the documented launch ---------------------------------------------------------------------
+
+
+def ddp_project(root: Path, model_dir: Path) -> Path:
+    """A git project with a CSV of messages and an experiment config training a tiny LoRA."""
+    root.mkdir()
+    subprocess.run(["git", "init", "-q", str(root)], check=True)
+    synthetic_spam_table(240)[["text", "label"]].to_csv(root / "messages.csv", index=False)
+    config = {
+        "name": "ddp-tiny",
+        "seed": 3,
+        "data": {
+            "source": "table",
+            "path": str(root / "messages.csv"),
+            "min_class_fraction": 0.1,
+            "split": {"max_train_examples": 120},
+        },
+        "model": {"name": str(model_dir), "max_length": 48},
+        "method": {"name": "lora", "lora": {"r": 4, "alpha": 8}},
+        "train": {"epochs": 2, "batch_size": 16, "lr": 5e-3, "progress": False},
+        "tracking": {
+            "experiment": "ddp",
+            "tracking_uri": f"sqlite:///{root / 'mlflow.db'}",
+            "register_model": False,
+        },
+    }
+    path = root / "ddp.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.slow
+def test_accelerate_launch_trains_one_run_from_two_cpu_processes(tiny_models, tmp_path):
+    from mlflow import MlflowClient
+
+    root = tmp_path / "project"
+    config = ddp_project(root, tiny_models["llama"])
+    command = [
+        *(sys.executable, "-m", "accelerate.commands.launch"),
+        *("--multi_gpu", "--num_processes", "2", "--num_machines", "1"),
+        *("--mixed_precision", "no", "--dynamo_backend", "no"),
+        *("--main_process_port", str(free_port())),
+        *("-m", "peftflow.distributed", "--config", str(config), "--root", str(root)),
+    ]
+    env = {**os.environ, **CPU_ONLY, "PYTHONPATH": str(ROOT / "src")}
+    env.pop("WORLD_SIZE", None)
+    done = subprocess.run(
+        command, cwd=root, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    digests = {line.split()[-1] for line in done.stdout.splitlines() if "weights sha256" in line}
+    ranks = {line.split()[3] for line in done.stdout.splitlines() if "weights sha256" in line}
+    assert ranks == {"0/2", "1/2"} and len(digests) == 1, done.stdout
+    assert "ddp-tiny: run key" in done.stdout and "trained as run" in done.stdout
+
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("ddp").experiment_id])
+    assert len(runs) == 1  # rank 1 trained but logged nothing
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["peftflow.ddp.processes"] == "2"
+    assert run.data.tags["peftflow.ddp.backend"] == "gloo"
+    assert run.data.tags["peftflow.reload_check"] == "passed"
+    losses = [m.value for m in client.get_metric_history(run.info.run_id, "epoch/train_loss")]
+    assert len(losses) == 2 and losses[1] < losses[0]
+    assert "test_f1" in run.data.metrics
