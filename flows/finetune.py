@@ -7,6 +7,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from peftflow.config import load_config
+from peftflow.pipeline import check_reports_dir
 from tasks import data, registry, train
 
 
@@ -28,10 +29,14 @@ def finetune(
     logger = get_run_logger()
     cfg = load_config(config_path, overrides)
     base = Path(root).resolve()
-    ingested = ingested or data.ingest(cfg, base, remote_url)
+    if ingested is None:  # the raw-data suite gates the ingest: bad data is never tracked
+        ingested = data.ingest(cfg, base, remote_url)
+        raw = {"report_paths": ingested["raw_report_paths"]}
+    else:  # ingested for another config: check the data against this config's bounds
+        reports = check_reports_dir(cfg, base, ingested["data_md5"])
+        raw = data.validate_raw(cfg, ingested["table_path"], reports)
     md5 = ingested["data_md5"]
-    reports = base / "outputs" / "reports" / f"{cfg.name}-{md5}"
-    raw = data.validate_raw(cfg, ingested["table_path"], reports)
+    reports = check_reports_dir(cfg, base, md5)
     splits = data.split(cfg, ingested["table_path"], md5, base)
     leakage = data.validate_splits(splits["paths"], reports)
     tokens = data.check_tokenisation(cfg, splits["paths"], reports)

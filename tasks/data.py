@@ -11,7 +11,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from peftflow import pipeline
 from peftflow.config import ExperimentConfig
-from peftflow.errors import DataCheckError
+from peftflow.errors import DataCheckError, FetchError, PeftflowError
 
 
 def publish_failed_report(stage: Callable[..., dict]) -> Callable[..., dict]:
@@ -33,8 +33,21 @@ def publish_failed_report(stage: Callable[..., dict]) -> Callable[..., dict]:
     return wrapper
 
 
-@task(name="ingest", retries=2, retry_delay_seconds=10)
+def retry_only_fetch_failures(task, task_run, state) -> bool:
+    """Retry a failed download (network, registry); bad data or config fails at once."""
+    error = state.result(raise_on_failure=False)
+    return isinstance(error, FetchError) or not isinstance(error, PeftflowError)
+
+
+@task(
+    name="ingest",
+    retries=2,
+    retry_delay_seconds=10,
+    retry_condition_fn=retry_only_fetch_failures,
+)
+@publish_failed_report
 def ingest(cfg: ExperimentConfig, root: Path, remote_url: str | None = None) -> dict:
+    """Fetch and DVC-track the data; the raw-data suite refuses bad data before tracking."""
     return pipeline.ingest_stage(cfg, root, remote_url)
 
 

@@ -96,14 +96,18 @@ class CheckReport:
         lines += [_table_row(result) for result in self.results]
         return "\n".join(lines) + "\n"
 
-    def raise_if_failed(self) -> None:
-        """Raise :class:`DataCheckError` listing each failed expectation and its fix."""
+    def raise_if_failed(self, consequence: str = "") -> None:
+        """Raise :class:`DataCheckError` listing each failed expectation and its fix.
+
+        ``consequence`` (what the failure left undone, where the report is) ends the message.
+        """
         if self.success:
             return
         details = "\n".join(f"  - {result.failure_line()}" for result in self.failed)
+        ending = f"\n{consequence}" if consequence else ""
         raise DataCheckError(
             f"data check suite '{self.suite}' failed {len(self.failed)} of "
-            f"{len(self.results)} expectations:\n{details}",
+            f"{len(self.results)} expectations:\n{details}{ending}",
             report=self.to_dict(),
         )
 

@@ -172,17 +172,16 @@ def _use_cpu(requested_device: str) -> bool:
 
 
 def prepare_data(cfg: ExperimentConfig, root: Path, remote_url: str | None) -> dict:
-    """Rank 0: ingest, the three data checks and the split (the finetune flow's data stages)."""
+    """Rank 0: ingest (gated on the raw-data suite), the split and the other two data checks."""
     from peftflow import pipeline
 
-    ingested = pipeline.ingest_stage(cfg, root, remote_url)
+    ingested = pipeline.ingest_stage(cfg, root, remote_url)  # gated on the raw-data suite
     md5 = ingested["data_md5"]
-    reports = root / "outputs" / "reports" / f"{cfg.name}-{md5}"
-    raw = pipeline.validate_raw_stage(cfg, ingested["table_path"], reports)
+    reports = pipeline.check_reports_dir(cfg, root, md5)
     splits = pipeline.split_stage(cfg, ingested["table_path"], md5, root)
     leakage = pipeline.validate_splits_stage(splits["paths"], reports)
     tokens = pipeline.tokenisation_stage(cfg, splits["paths"], reports)
-    report_paths = raw["report_paths"] + leakage["report_paths"] + tokens["report_paths"]
+    report_paths = ingested["raw_report_paths"] + leakage["report_paths"] + tokens["report_paths"]
     return {"data_md5": md5, "split_paths": splits["paths"], "report_paths": report_paths}
 
 

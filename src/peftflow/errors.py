@@ -15,6 +15,10 @@ class DataError(PeftflowError):
     """Input data is unusable (missing file, wrong columns, bad labels, bad archive)."""
 
 
+class FetchError(DataError):
+    """Downloading the data failed (network, registry): worth retrying, unlike other errors."""
+
+
 class IntegrityError(DataError):
     """Downloaded or cached bytes do not match their recorded checksum."""
 

@@ -38,11 +38,34 @@ def tracking_uri(cfg: ExperimentConfig, root: Path) -> str:
 
 
 def ingest_stage(cfg: ExperimentConfig, root: Path, remote_url: str | None = None) -> dict:
-    """Fetch/parse the configured source into a DVC-tracked table; returns its md5."""
+    """Fetch/parse the source, gate it on the raw-data suite, then DVC-track it; returns its md5.
+
+    The Great Expectations raw-data suite runs on the new table *before* it
+    replaces the tracked data: a table that fails leaves ``data/`` and
+    ``data.dvc`` as they were, with its report under
+    ``outputs/reports/<name>-rejected/``. A passing report is written next to the
+    other check reports of that data version (``raw_report_paths``).
+    """
     from peftflow.data.ingest import ingest
 
-    result = ingest(cfg.data, Path(root), remote_url=remote_url, task=cfg.task)
-    return {**asdict(result), "table_path": str(result.table_path)}
+    checked: list = []
+
+    def gate(table: pd.DataFrame) -> None:
+        report = raw_data_report(cfg, table)
+        if not report.success:
+            rejected = check_reports_dir(cfg, root, "rejected")
+            _write_report(report, rejected)
+            report.raise_if_failed(f"nothing was ingested; the report is in {rejected}")
+        checked.append(report)
+
+    result = ingest(cfg.data, Path(root), remote_url=remote_url, task=cfg.task, accept=gate)
+    paths = _write_report(checked[0], check_reports_dir(cfg, root, result.data_md5))
+    return {**asdict(result), "table_path": str(result.table_path), "raw_report_paths": paths}
+
+
+def check_reports_dir(cfg: ExperimentConfig, root: Path, data_version: str) -> Path:
+    """Where the data checks of ``cfg`` on one data version write their reports."""
+    return outputs_dir(root) / "reports" / f"{cfg.name}-{data_version}"
 
 
 def _write_report(report, report_dir: Path) -> list[str]:
@@ -51,7 +74,11 @@ def _write_report(report, report_dir: Path) -> list[str]:
 
 def task_table(cfg: ExperimentConfig, table_path: str) -> pd.DataFrame:
     """The ingested table as the task sees it: as is, or its (prompt, response) view."""
-    table = pd.read_parquet(table_path)
+    return task_view(cfg, pd.read_parquet(table_path))
+
+
+def task_view(cfg: ExperimentConfig, table: pd.DataFrame) -> pd.DataFrame:
+    """A loaded table as the task sees it: as is, or its (prompt, response) view."""
     if cfg.task == "generation":
         from peftflow.data.subjects import generation_examples
 
@@ -59,12 +86,17 @@ def task_table(cfg: ExperimentConfig, table_path: str) -> pd.DataFrame:
     return table
 
 
-def validate_raw_stage(cfg: ExperimentConfig, table_path: str, report_dir: Path) -> dict:
-    """Great Expectations raw-data suite; the report is written even when it fails."""
+def raw_data_report(cfg: ExperimentConfig, table: pd.DataFrame):
+    """The task's raw-data suite (Great Expectations) on a loaded table."""
     from peftflow.checks import validate_generation_raw, validate_raw
 
     check = validate_generation_raw if cfg.task == "generation" else validate_raw
-    report = check(task_table(cfg, table_path), cfg.data)
+    return check(task_view(cfg, table), cfg.data)
+
+
+def validate_raw_stage(cfg: ExperimentConfig, table_path: str, report_dir: Path) -> dict:
+    """Great Expectations raw-data suite; the report is written even when it fails."""
+    report = raw_data_report(cfg, pd.read_parquet(table_path))
     paths = _write_report(report, report_dir)
     report.raise_if_failed()
     return {"success": report.success, "report_paths": paths}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,17 +42,22 @@ def ingest(
     remote_url: str | None = None,
     push: bool = True,
     task: str = "classification",
+    accept: Callable[[pd.DataFrame], None] | None = None,
 ) -> IngestResult:
     """Load the configured source, write it under ``root/cfg.data_dir`` and version it with DVC.
 
-    Everything that can fail (loading, writing, DVC setup) happens before the new
-    files replace the old ones, so a failed ingest leaves the previous data and
-    its ``.dvc`` file untouched. ``task`` picks the table layout (see
+    Everything that can fail (loading, ``accept``, writing, DVC setup) happens
+    before the new files replace the old ones, so a failed ingest leaves the
+    previous data and its ``.dvc`` file untouched. ``accept(table)`` is the data
+    gate: it raises to refuse the new table (the pipeline runs the raw-data suite
+    there). ``task`` picks the table layout (see
     :func:`~peftflow.data.loaders.load_dataset`).
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     table = load_dataset(cfg, cache_dir or root / ".cache" / "peftflow", task=task)
+    if accept is not None:
+        accept(table)
     label_counts = _label_counts(table)
     data_dir = root / cfg.data_dir
     # Staged under root (not data_dir) so a crash never leaves stray files inside

@@ -18,7 +18,7 @@ from peftflow.config import DataConfig
 from peftflow.data.schema import make_table
 from peftflow.data.spamassassin import fetch_spamassassin, load_spamassassin
 from peftflow.data.subjects import GENERATION_COLUMNS
-from peftflow.errors import ConfigError, DataError
+from peftflow.errors import ConfigError, DataError, FetchError
 
 SMS_ZIP_MEMBER = "SMSSpamCollection"
 SMS_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
@@ -82,7 +82,7 @@ def load_table(path: str | Path, text_column: str, label_column: str) -> pd.Data
     frame = _read_user_table(path)
     _require_columns(frame, path, (text_column, label_column), _CLASSIFICATION_FIELDS)
     texts, labels = frame[text_column], frame[label_column]
-    _reject_missing(path, texts.isna() | labels.isna(), "text or label")
+    _reject_missing(path, texts.isna() | labels.isna() | _blank(labels), "text or label")
     return make_table(
         _row(f"row-{number:06d}", str(text), str(label), path.name)
         for number, (text, label) in enumerate(zip(texts, labels, strict=True), start=1)
@@ -124,12 +124,30 @@ def _read_user_table(path: Path) -> pd.DataFrame:
         )
     if not path.is_file():
         raise DataError(f"data file {path} does not exist; set data.path to an existing file")
+    if path.stat().st_size == 0:
+        raise DataError(f"data file {path} is empty (0 bytes); point data.path at the real file")
     try:
         return reader(path)
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"{path} is not UTF-8 text ({_first_non_utf8_line(path)}); re-save the file as "
+            "UTF-8 (e.g. `iconv -f latin1 -t utf-8 IN > OUT`)"
+        ) from err
     except (ValueError, OSError, pd.errors.ParserError) as err:
         raise DataError(
             f"could not read {path}: {err}; check that it is a valid {path.suffix} file"
         ) from err
+
+
+def _first_non_utf8_line(path: Path) -> str:
+    """Where a file first stops being UTF-8, in words: its line and the offending bytes."""
+    with path.open("rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                return f"line {number}: byte {line[err.start : err.start + 1]!r} ({err.reason})"
+    return "an invalid byte sequence"
 
 
 def _row(row_id: str, text: str, label: str, source: str) -> dict[str, str]:
@@ -140,6 +158,11 @@ def _read_sms_bytes(path_or_url: str) -> tuple[bytes, str]:
     """The collection's bytes and file name, unzipped when it is the UCI zip."""
     data, name = _read_local_or_remote(path_or_url)
     if not zipfile.is_zipfile(io.BytesIO(data)):
+        if data.startswith(b"PK\x03\x04"):  # a zip's first bytes, but no readable directory
+            raise DataError(
+                f"{path_or_url} is a truncated or damaged zip archive ({len(data)} bytes); "
+                "download it again"
+            )
         return data, name
     with zipfile.ZipFile(io.BytesIO(data)) as archive:
         if SMS_ZIP_MEMBER not in archive.namelist():
@@ -164,7 +187,7 @@ def _download(url: str) -> bytes:
         with urllib.request.urlopen(url, timeout=60) as response:
             return response.read()
     except OSError as err:  # URLError and timeouts are OSErrors
-        raise DataError(
+        raise FetchError(
             f"could not download {url}: {err}; download it yourself and set data.path to the file"
         ) from err
 
@@ -186,6 +209,11 @@ def _require_columns(
             f"{path} has no column(s) {missing}; available columns: {list(frame.columns)}; "
             f"set {fields} to the right names"
         )
+
+
+def _blank(values: pd.Series) -> pd.Series:
+    """Values that are empty or whitespace once read as text (CSV keeps "" as a value)."""
+    return values.astype(str).str.strip().eq("") & values.notna()
 
 
 def _reject_missing(path: Path, missing: pd.Series, what: str) -> None:

@@ -24,7 +24,7 @@ import pandas as pd
 
 from peftflow.data.email_parse import email_text, parse_email
 from peftflow.data.schema import make_table
-from peftflow.errors import DataError, IntegrityError
+from peftflow.errors import DataError, FetchError, IntegrityError
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def _npm_pack(cache_dir: Path, destination: Path) -> None:
         )
         packed = sorted(Path(staging).glob("*.tgz"))
         if result.returncode != 0 or len(packed) != 1:
-            raise DataError(
+            raise FetchError(
                 f"`npm pack {spec}` failed (exit {result.returncode}): "
                 f"{result.stderr.strip()[-2000:]}\n"
                 "check that the npm registry is reachable (npm config get registry)"
