@@ -28,6 +28,7 @@ def finetune(
     """
     logger = get_run_logger()
     cfg = load_config(config_path, overrides)
+    train.preflight(cfg)  # a method, model or machine that cannot work: refused before any work
     base = Path(root).resolve()
     if ingested is None:  # the raw-data suite gates the ingest: bad data is never tracked
         ingested = data.ingest(cfg, base, remote_url)

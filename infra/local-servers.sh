@@ -19,6 +19,11 @@ MLFLOW_PORT="${MLFLOW_PORT:-5000}"
 STARTUP_TIMEOUT_S="${STARTUP_TIMEOUT_S:-180}"
 PY=.venv/bin/python
 PREFECT_API="http://127.0.0.1:${PREFECT_PORT}/api"
+# With PREFECT_SERVER_API_AUTH_STRING (user:password) the Prefect server asks every client
+# for it; this script's own client calls (the work pool) send the same string.
+if [[ -n "${PREFECT_SERVER_API_AUTH_STRING:-}" ]]; then
+  export PREFECT_API_AUTH_STRING="${PREFECT_API_AUTH_STRING:-$PREFECT_SERVER_API_AUTH_STRING}"
+fi
 MLFLOW_URL="http://127.0.0.1:${MLFLOW_PORT}"
 
 health_url() {  # name -> URL that answers 200 when the server is ready

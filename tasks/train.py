@@ -12,6 +12,16 @@ from peftflow.config import ExperimentConfig
 TRAIN_TIMEOUT_SECONDS = 6 * 3600
 
 
+@task(name="preflight")
+def preflight(cfg: ExperimentConfig) -> dict:
+    """Model, method and machine checks from config.json alone: refuse before any work."""
+    from dataclasses import asdict
+
+    from peftflow.preflight import preflight as check
+
+    return asdict(check(cfg))
+
+
 @task(name="find-cached-run")
 def find_cached_run(cfg: ExperimentConfig, data_md5: str, root: Path) -> str | None:
     return pipeline.cached_run(cfg, data_md5, root)

@@ -31,7 +31,7 @@ def test_unknown_field_names_field_and_fix(tmp_path):
     path.write_text("name: x\ntrain:\n  epoch: 3\n")
     with pytest.raises(ConfigError) as err:
         load_config(path)
-    assert "train.epoch: unknown field; remove it or fix its spelling" in str(err.value)
+    assert "train.epoch: unknown field; did you mean 'epochs'? valid fields here:" in str(err.value)
 
 
 def test_bad_value_names_field_and_value():

@@ -61,8 +61,13 @@ def test_studies_are_shipped():
 
 @pytest.mark.parametrize("path", STUDIES, ids=lambda p: p.name)
 def test_every_shipped_study_validates_every_variant(path, monkeypatch):
-    # The full study names a hub model; resolving a hub id does not download anything.
+    # The full study names a hub model: the checks read its config.json, which this
+    # offline machine cannot fetch, so it is served with SmolLM2-360M's real values.
+    import peftflow.preflight
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    hub_config = {"model_type": "llama", "max_position_embeddings": 8192, "attention_bias": False}
+    monkeypatch.setattr(peftflow.preflight, "_model_config", lambda location, revision: hub_config)
     plan = plan_study(path)
     asked = {q for v in plan.variants for q in v.questions}
     assert set(SEVEN_QUESTIONS) <= asked

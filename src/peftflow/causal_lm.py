@@ -48,9 +48,14 @@ _PREPENDS_VIRTUAL_TOKENS = ("prompt_tuning", "p_tuning")
 _ABSOLUTE_POSITION_TYPES = ("gpt2",)
 
 
+def generates_unbatchably(method: str, model_type: str) -> bool:
+    """Whether batched generation of this method x model pair would depend on the padding."""
+    return method in _PREPENDS_VIRTUAL_TOKENS and model_type in _ABSOLUTE_POSITION_TYPES
+
+
 def check_method_fits(method: str, model_type: str) -> None:
     """Refuse method x model pairs whose batched generation would depend on the padding."""
-    if method in _PREPENDS_VIRTUAL_TOKENS and model_type in _ABSOLUTE_POSITION_TYPES:
+    if generates_unbatchably(method, model_type):
         raise ConfigError(
             f"method {method!r} on {model_type} (learned absolute positions) generates "
             "differently when prompts are left-padded in a batch; use prefix_tuning or lora "
@@ -66,7 +71,11 @@ def build_causal_lm(resolved: ResolvedModel, model_cfg: ModelConfig, seed: int =
     dtype = getattr(torch, model_cfg.dtype)
     if model_cfg.pretrained:
         model = AutoModelForCausalLM.from_pretrained(
-            resolved.location, revision=resolved.revision, dtype=dtype, attn_implementation="sdpa"
+            resolved.location,
+            revision=resolved.revision,
+            dtype=dtype,
+            attn_implementation="sdpa",
+            use_safetensors=True,  # never unpickle a .bin checkpoint
         )
     else:
         config = AutoConfig.from_pretrained(resolved.location, revision=resolved.revision)

@@ -49,8 +49,13 @@ def _run_flow(
     config: str, root: Path, overrides: dict, baseline: bool, force: bool, remote: str | None
 ):
     from flows.finetune import finetune
+    from peftflow.config import load_config
+    from peftflow.preflight import preflight
 
     try:
+        # The flow checks this too (deployments skip the CLI); here it answers in a
+        # second, before a temporary Prefect server is started.
+        preflight(load_config(config, overrides))
         summary = finetune(
             config_path=str(Path(config).resolve()),
             root=str(root),
@@ -141,6 +146,65 @@ def ingest(
     typer.echo(json.dumps(result, indent=2, default=str))
 
 
+data_app = typer.Typer(help="Check and repair the DVC-tracked data.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("verify")
+def data_verify(
+    root: Path = typer.Option(Path("."), help="Project folder (data/ and data.dvc live here)."),
+    target: str = typer.Option("data", help="The DVC-tracked folder (data.data_dir)."),
+    repair: bool = typer.Option(
+        False, "--repair", help="Restore bad copies: cache from data/ or the remote, then data/."
+    ),
+) -> None:
+    """Re-hash data/ and its DVC cache objects against data.dvc; exit 2 on any mismatch."""
+    from peftflow.data import dvc_store
+
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # DVC's progress output
+            restored = dvc_store.repair(root, target) if repair else []
+            check = dvc_store.verify(root, target)
+    except PeftflowError as err:
+        _fail(err)
+    for line in restored:
+        typer.echo(f"restored {line}")
+    if not check.ok:
+        problems = "\n".join(f"  - {bad.describe()}" for bad in check.cache + check.workspace)
+        _fail(
+            PeftflowError(
+                f"data {check.data_md5} differs from {target}.dvc:\n{problems}\n"
+                "Run `peftflow data verify --repair` to restore the cache (from data/ or the "
+                f"remote) and {target}/ (from the cache)."
+            )
+        )
+    typer.echo(f"data {check.data_md5}: {check.n_files} files, cache and {target}/ ok")
+
+
+@app.command()
+def reproduce(
+    run_id: str = typer.Argument(..., help="MLflow run id of a fine-tuning run."),
+    root: Path = typer.Option(Path("."), help="Project folder holding .dvc/, mlflow.db, outputs/."),
+    tolerance: float = typer.Option(
+        1e-6, min=0.0, help="Largest allowed difference of each test metric."
+    ),
+    tracking_uri: str | None = typer.Option(
+        None, help="MLflow store (default: $MLFLOW_TRACKING_URI, else <root>/mlflow.db)."
+    ),
+) -> None:
+    """Re-train a run with its config on its DVC data version; exit 1 if test metrics differ."""
+    from peftflow.reproduce import reproduce as rerun
+
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # DVC's and training's progress output
+            outcome = rerun(run_id, root, tolerance, tracking_uri)
+    except PeftflowError as err:
+        _fail(err)
+    typer.echo(outcome.table())
+    if not outcome.reproduced:
+        raise typer.Exit(code=1)
+
+
 @app.command()
 def methods(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
@@ -228,11 +292,13 @@ def config(
     path: str = typer.Argument(..., help="Experiment YAML to validate."),
     set_: list[str] = typer.Option([], "--set", help="Override a field: --set train.epochs=2"),
 ) -> None:
-    """Validate a config and print it in full (defaults included) with its hash."""
+    """Validate a config (and that its model, method and machine fit) and print it in full."""
     from peftflow.config import load_config
+    from peftflow.preflight import preflight
 
     try:
         cfg = load_config(path, _parse_overrides(set_))
+        preflight(cfg)
     except PeftflowError as err:
         _fail(err)
     typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

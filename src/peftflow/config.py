@@ -1,14 +1,17 @@
 """The one typed, frozen experiment config.
 
 A run is fully described by an :class:`ExperimentConfig`. Its canonical hash
-(sorted-key JSON of every field, defaults included) plus the DVC md5 of the
-data is the *run key*: recorded as an MLflow tag and used as the cache key.
+(sorted-key JSON of every field, defaults included, except the few in
+``RUN_KEY_EXCLUDED`` that never change a result) plus the DVC md5 of the data
+is the *run key*: recorded as an MLflow tag and used as the cache key.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -66,6 +69,9 @@ class DataConfig(_Frozen):
             raise ValueError("source 'table' needs `path` (a .csv, .parquet or .jsonl file)")
         if self.source == "sms" and not (self.path or self.url):
             raise ValueError("source 'sms' needs `path` (local file) or `url` (UCI zip)")
+        refuse_credentials(
+            self.url, "data.url", "download the file yourself and set data.path to it"
+        )
         return self
 
 
@@ -187,6 +193,11 @@ class TrainConfig(_Frozen):
     progress: bool = True
     # Keep the weights of the epoch with the best validation F1 (not the last).
     restore_best_epoch: bool = True
+    # Save a resumable checkpoint every N optimizer steps and at each epoch end, under
+    # outputs/checkpoints/<run key>/; a killed run of the same run key resumes from it.
+    # 0: this run neither writes nor reads checkpoints. How a run is made safe, not what
+    # it computes: left out of the config hash (see RUN_KEY_EXCLUDED).
+    checkpoint_every_steps: int = Field(100, ge=0)
 
 
 class GenerationConfig(_Frozen):
@@ -223,10 +234,42 @@ class TrackingConfig(_Frozen):
     experiment: str = "peftflow-spam"
     model_name: str = "spam-classifier"
     # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working dir.
+    # Credentials never go here (the config is logged): MLFLOW_TRACKING_USERNAME /
+    # MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN in the environment.
     tracking_uri: str | None = None
     register_model: bool = True
     promote_metric: str = "test_f1"
     promote_margin: float = Field(0.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> TrackingConfig:
+        refuse_credentials(
+            self.tracking_uri,
+            "tracking.tracking_uri",
+            "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) "
+            "in the environment instead",
+        )
+        return self
+
+
+# Query parameters that carry credentials in signed or token URLs.
+_SECRET_QUERY = re.compile(r"token|secret|passw|signature|sig$|key|auth|credential", re.I)
+
+
+def refuse_credentials(url: str | None, field: str, instead: str) -> None:
+    """Configs are logged as run params and artifacts: a URL in one must hold no secret."""
+    if not url or "://" not in url:
+        return
+    parts = urllib.parse.urlsplit(url)
+    secret_params = [
+        name for name, _ in urllib.parse.parse_qsl(parts.query) if _SECRET_QUERY.search(name)
+    ]
+    if parts.password is not None or secret_params:
+        what = "a password" if parts.password is not None else f"secret {secret_params}"
+        raise ValueError(
+            f"{field} holds {what}; configs are logged to MLflow, so keep credentials "
+            f"out: {instead}"
+        )
 
 
 class ExperimentConfig(_Frozen):
@@ -279,8 +322,13 @@ class ExperimentConfig(_Frozen):
         return self
 
     def config_hash(self) -> str:
-        """sha256 of the canonical JSON (sorted keys, defaults included), 16 hex chars."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        """sha256 of the canonical JSON (sorted keys, defaults included), 16 hex chars.
+
+        Fields in ``RUN_KEY_EXCLUDED`` are left out: they change how a run is carried
+        out, never its result, so a resumed run keeps its key.
+        """
+        fields = self.model_dump(mode="json", exclude=RUN_KEY_EXCLUDED)
+        canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
     def run_key(self, data_md5: str) -> str:
@@ -291,6 +339,11 @@ class ExperimentConfig(_Frozen):
         """Dotted, flat params for MLflow (``train.lr`` ...), lined up across variants."""
         return {k: str(v) for k, v in dotted(self.model_dump(mode="json")).items()}
 
+
+# Fields that do not change what a run computes, so not part of its config hash (and run
+# key): a checkpointed run resumes whatever its checkpoint cadence, and hashes of configs
+# written before the field existed stay valid. (progress/threads predate this and stay in.)
+RUN_KEY_EXCLUDED: dict[str, set[str]] = {"train": {"checkpoint_every_steps"}}
 
 # Task "generation" defaults, applied under whatever the config sets itself.
 GENERATION_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -321,13 +374,37 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     for problem in err.errors():
         where = ".".join(str(p) for p in problem["loc"]) or "(top level)"
         if problem["type"] == "extra_forbidden":
-            lines.append(f"  - {where}: unknown field; remove it or fix its spelling")
+            lines.append(f"  - {where}: unknown field; {_valid_fields_hint(problem['loc'])}")
         elif problem["type"] == "missing":
             lines.append(f"  - {where}: required field is missing; add it")
         else:
             message = problem["msg"].removeprefix("Value error, ")
-            lines.append(f"  - {where}: {message} (got {problem.get('input')!r})")
+            got = problem.get("input")
+            # A whole section's input says nothing new (and may hold what was refused).
+            shown = "" if isinstance(got, Mapping) else f" (got {got!r})"
+            lines.append(f"  - {where}: {message}{shown}")
     return "\n".join(lines)
+
+
+def _valid_fields_hint(loc: tuple) -> str:
+    """What to write instead of an unknown field: the closest valid name and all of them."""
+    import difflib
+
+    section: type[BaseModel] | None = ExperimentConfig
+    for part in loc[:-1]:  # walk down the nested sections, e.g. ("method", "lora")
+        field = section.model_fields.get(str(part)) if section else None
+        annotation = field.annotation if field else None
+        section = (
+            annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel)
+            else None
+        )
+    if section is None:
+        return "remove it or fix its spelling"
+    valid = sorted(section.model_fields)
+    close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+    guess = f"did you mean {close[0]!r}? " if close else ""
+    return f"{guess}valid fields here: {', '.join(valid)}"
 
 
 def parse_config(data: dict, source: str = "<dict>") -> ExperimentConfig:

@@ -318,10 +318,12 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from peftflow.config import load_config
+    from peftflow.preflight import preflight
 
     args = _parse_args(argv)
     try:
         cfg = load_config(args.config, _overrides(args.overrides))
+        preflight(cfg)
         summary = run(cfg, Path(args.root).resolve(), args.remote, args.force)
     except PeftflowError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)

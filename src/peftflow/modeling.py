@@ -140,6 +140,7 @@ def load_backbone(resolved: ResolvedModel, dtype: str = "float32") -> nn.Module:
         revision=resolved.revision,
         dtype=getattr(torch, dtype),
         attn_implementation="sdpa",
+        use_safetensors=True,  # never unpickle a .bin checkpoint (see docs/reliability.md)
     )
 
 

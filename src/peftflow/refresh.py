@@ -137,6 +137,10 @@ def plan_refresh(config_paths: Sequence[str], root: Path) -> RefreshPlan:
                 "a refresh ingests one data version, so give its configs the same data source "
                 "or schedule one refresh per source"
             )
+    from peftflow.preflight import preflight
+
+    for cfg in configs:  # model, method and machine checks: refuse before any work
+        preflight(cfg)
     return RefreshPlan(
         config_paths=tuple(paths),
         configs=tuple(configs),

@@ -165,7 +165,7 @@ def plan_study(path: str | Path) -> StudyPlan:
         variants, skipped = _add_method_variants(study, base_path, variants)
     _require_classification(study.name, variants)
     _require_shared_fields(study.name, variants)
-    _require_reachable_models(study.name, variants)
+    _preflight_variants(study.name, variants)
     return StudyPlan(study, tuple(variants), skipped)
 
 
@@ -263,16 +263,12 @@ def methods_not_applicable(config: ExperimentConfig) -> dict[str, str]:
     import torch
 
     from peftflow.methods import METHODS
+    from peftflow.preflight import method_problem, model_facts
 
-    family = model_family(config.model.name, config.model.revision)
+    facts = model_facts(config.model.name, config.model.revision)
     cuda = torch.cuda.is_available()
-    reasons = {}
-    for name, spec in METHODS.items():
-        if spec.requires_cuda and not cuda:
-            reasons[name] = "needs a CUDA GPU"
-        elif family not in spec.families:
-            reasons[name] = f"does not apply to {family} models"
-    return reasons
+    problems = {name: method_problem(name, config, facts, cuda) for name in METHODS}
+    return {name: problem for name, problem in problems.items() if problem is not None}
 
 
 def model_family(name: str, revision: str | None) -> str:
@@ -309,16 +305,13 @@ def _require_shared_fields(study: str, variants: list[StudyVariant]) -> None:
                 )
 
 
-def _require_reachable_models(study: str, variants: list[StudyVariant]) -> None:
-    """A hub-only model while offline would stop the study at its tokenisation check: refuse now."""
-    from peftflow.assets import MODEL_ASSETS, resolve_model
+def _preflight_variants(study: str, variants: list[StudyVariant]) -> None:
+    """Every variant's model, method and machine checks (peftflow.preflight), before any work."""
+    from peftflow.preflight import preflight
 
     for variant in variants:
-        model = variant.config.model
-        if model.name in MODEL_ASSETS or Path(model.name).expanduser().is_dir():
-            continue
         try:
-            resolve_model(model.name, model.revision)
+            preflight(variant.config)
         except ConfigError as err:
             raise ConfigError(f"study {study!r}, variant {variant.name!r}: {err}") from None
 

@@ -3,18 +3,35 @@
 Uses the in-process ``dvc.repo.Repo`` API (one import instead of a ~1 s Python
 start-up per CLI call). Every DVC failure is re-raised as a :class:`DataError`
 that says what was attempted and how to fix it.
+
+Integrity: DVC trusts a cache object (or workspace file) whose inode, mtime and
+size it has seen before and never re-hashes it, so bytes that rot in place are
+invisible to ``dvc status``, skipped by ``add``/``fetch``/``push`` and copied
+into the workspace by ``checkout`` (measured with DVC 3.67.1). :func:`verify`
+therefore re-hashes every file of a version itself, and :func:`repair` replaces
+a bad copy from a good one: the workspace file, else the remote. ``track`` heals
+the cache after every ``dvc add``, ``push`` refuses to upload a corrupted object
+and ``pull`` repairs what it brought, so no run trains on, and no remote
+receives, bytes that differ from their recorded md5.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-from collections.abc import Iterator
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import yaml
 from dvc.exceptions import DvcException
 from dvc.repo import Repo
+from dvc_data.hashfile.hash_info import HashInfo
 
 from peftflow.errors import DataError
 
@@ -46,43 +63,387 @@ def ensure_dvc_repo(root: Path, remote_url: str | None = None) -> None:
 
 
 def track(root: Path, target: str = "data") -> str:
-    """``dvc add`` the target (hash it into the cache) and return its recorded md5."""
+    """``dvc add`` the target (hash it into the cache) and return its recorded md5.
+
+    ``dvc add`` keeps an existing cache object of the same md5 without re-hashing
+    it, so re-adding unchanged data would keep a rotted object; the target, just
+    hashed by DVC, is the good copy, and :func:`repair` heals the cache from it.
+    """
     with (
         _open(root) as repo,
         _dvc_errors(f"add {target}", f"check that {Path(root) / target} exists"),
     ):
         repo.add(str(Path(root) / target))
+    repair(root, target)
     return data_md5(root, target)
 
 
 def push(root: Path, target: str = "data") -> int:
-    """Upload the target's cached files to the default remote; returns how many were sent."""
+    """Upload the target's cached files to the default remote; returns how many were sent.
+
+    Refuses when a cache object is corrupted: the remote is the copy of last
+    resort and must never receive bytes that differ from their md5.
+    """
+    check = verify(root, target)
+    if check.cache:
+        raise DataError(
+            f"refusing to push {target}: {_listing(check.cache)}; run "
+            "`peftflow data verify --repair` first (it restores the cache from data/)"
+        )
     fix = "check the 'storage' remote (dvc remote list) and its credentials"
     with _open(root) as repo, _dvc_errors(f"push {target}", fix):
         return repo.push(targets=[str(Path(root) / target)])
 
 
 def pull(root: Path, target: str = "data") -> None:
-    """Restore the target from the cache, downloading missing files from the remote."""
+    """Restore the target from the cache, downloading missing files from the remote.
+
+    DVC checks out a rotted cache object as it is, so the result is verified
+    and repaired (from the remote) before anyone reads it.
+    """
     fix = "check that it was pushed and that the 'storage' remote is reachable"
     with _open(root) as repo, _dvc_errors(f"pull {target}", fix):
         repo.pull(targets=[str(Path(root) / target)])
+    repair(root, target)
 
 
 def data_md5(root: Path, target: str = "data") -> str:
     """The md5 recorded in ``<target>.dvc`` (a directory's ends in ``.dir``): the data version."""
+    return _dvc_out(root, target)["md5"]
+
+
+def _dvc_out(root: Path, target: str) -> dict:
+    """The output entry of ``<target>.dvc`` (md5, size, nfiles, hash, path)."""
     dvc_file = Path(root) / f"{target}.dvc"
     if not dvc_file.is_file():
         raise DataError(
             f"{dvc_file} does not exist: no data is tracked yet; run `peftflow ingest` first"
         )
     try:
-        return yaml.safe_load(dvc_file.read_text())["outs"][0]["md5"]
+        out = yaml.safe_load(dvc_file.read_text())["outs"][0]
+        if "md5" not in out:
+            raise KeyError("md5")
+        return out
     except (yaml.YAMLError, KeyError, IndexError, TypeError) as err:
         raise DataError(
             f"{dvc_file} is not a valid DVC file ({err!r}); restore it from git "
             "or run `peftflow ingest` again"
         ) from err
+
+
+# --- integrity -------------------------------------------------------------------
+
+MANIFEST = "(directory manifest)"
+ASIDE_SUFFIX = ".peftflow-aside"
+CACHE_MODE, WORKSPACE_MODE = 0o444, 0o644  # DVC keeps cache objects read-only
+
+
+class Entry(NamedTuple):
+    """One file of a data version: its path inside the folder ("" for a single file), its md5."""
+
+    relpath: str
+    md5: str
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """A copy of a tracked file whose bytes do not hash to the md5 DVC recorded for it."""
+
+    place: str  # "cache" or "workspace"
+    name: str  # the file's path inside the data version, or MANIFEST
+    path: Path
+    expected: str
+    actual: str | None  # None: the copy is missing
+
+    def describe(self) -> str:
+        found = "it is missing" if self.actual is None else f"found md5 {self.actual}"
+        label = self.name or self.path.name
+        return f"{label} ({self.place} copy {self.path}): expected md5 {self.expected}, {found}"
+
+
+@dataclass(frozen=True)
+class Verification:
+    """The outcome of re-hashing one data version's cache objects (and workspace files)."""
+
+    data_md5: str
+    n_files: int
+    cache: tuple[Mismatch, ...] = ()
+    workspace: tuple[Mismatch, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return not (self.cache or self.workspace)
+
+
+def file_md5(path: Path) -> str | None:
+    """md5 of the file's bytes, which is what DVC 3 records (``hash: md5``); None if missing."""
+    try:
+        with Path(path).open("rb") as handle:
+            return hashlib.file_digest(handle, "md5").hexdigest()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return None
+
+
+def cache_dir(root: Path) -> Path:
+    """Where the repo's DVC 3 objects live (``.dvc/cache/files/md5`` unless cache.dir is set)."""
+    with _open(root) as repo:
+        return Path(repo.cache.local.path)
+
+
+def verify(root: Path, target: str = "data") -> Verification:
+    """Re-hash the tracked version of ``target``: its cache objects and its workspace files."""
+    out = _dvc_out(root, target)
+    if out.get("hash") != "md5":
+        raise DataError(
+            f"{Path(root) / target}.dvc was written by DVC 2 (no `hash: md5`), whose cache "
+            "layout and text hashing peftflow does not check; re-track it with DVC 3: "
+            "`dvc cache migrate --dvc-files`, or `peftflow ingest`"
+        )
+    return verify_version(root, out["md5"], Path(root) / target)
+
+
+def verify_version(root: Path, md5: str, workspace: Path | None = None) -> Verification:
+    """Re-hash every cache object of version ``md5`` and, given ``workspace``, its files there.
+
+    A directory version is checked through its manifest (itself a cache object named
+    ``<md5>.dir``, listing each file's relpath and md5); when the manifest is bad its
+    files cannot be listed, so that one problem is reported alone.
+    """
+    cache = cache_dir(root)
+    entries, bad_manifest = _entries(cache, md5)
+    if bad_manifest is not None:
+        return Verification(md5, 0, cache=(bad_manifest,))
+    in_workspace = () if workspace is None else _mismatches("workspace", entries, workspace)
+    return Verification(
+        md5, len(entries), cache=_mismatches("cache", entries, cache), workspace=in_workspace
+    )
+
+
+def repair(root: Path, target: str = "data") -> list[str]:
+    """Make the cache and ``target`` match ``<target>.dvc`` again; returns what was restored.
+
+    Bad cache objects come back from a good workspace copy, else from the remote;
+    then workspace files that differ are rewritten from the verified cache, which
+    undoes a hand edit of ``data/`` (data changes go through the source and
+    ``peftflow ingest``). An object no source can restore raises a DataError and
+    every copy that could not be restored is left as it was found.
+    """
+    check = verify(root, target)
+    if check.ok:
+        return []
+    workspace = Path(root) / target
+    restored = repair_cache(root, check.data_md5, workspace)
+    restored += _restore_workspace(root, check.data_md5, workspace)
+    final = verify_version(root, check.data_md5, workspace)
+    if not final.ok:
+        raise DataError(
+            f"{workspace} still differs from {target}.dvc after the repair: "
+            f"{_listing(final.cache + final.workspace)}; check the disk (space, permissions)"
+        )
+    return restored
+
+
+def repair_cache(root: Path, md5: str, workspace: Path | None = None) -> list[str]:
+    """Restore version ``md5``'s bad cache objects; returns what was restored.
+
+    A good copy in ``workspace`` is used first (free, works offline), else the
+    remote; an object neither can restore raises a DataError.
+    """
+    restored = _repair_manifest(root, md5, workspace)
+    check = verify_version(root, md5, workspace)
+    workspace_bad = {bad.name for bad in check.workspace}
+    local = [bad for bad in check.cache if workspace is not None and bad.name not in workspace_bad]
+    for bad in local:
+        source = _in(workspace, Entry(bad.name, bad.expected))
+        _atomic_copy(source, bad.path, CACHE_MODE)
+    restored += [f"{bad.name}: cache object restored from {workspace}" for bad in local]
+    return restored + _from_remote(root, [bad for bad in check.cache if bad not in local])
+
+
+def checkout_version(root: Path, md5: str, dest: Path) -> Path:
+    """Write directory version ``md5`` into the new folder ``dest`` from the verified cache.
+
+    Missing or corrupted objects are fetched from the remote first. No git history
+    is needed (the md5 names the manifest, which lists every file's md5), and
+    ``<root>/data`` and ``data.dvc`` are not touched.
+    """
+    dest = Path(dest)
+    if not md5.endswith(".dir"):
+        raise DataError(f"data version {md5} is a single file; expected a folder's '<md5>.dir'")
+    if dest.exists() and any(dest.iterdir()):
+        raise DataError(f"{dest} is not empty; pass a new folder to check data {md5} out into")
+    repair_cache(root, md5)
+    cache = cache_dir(root)
+    entries, _ = _entries(cache, md5)
+    for entry in entries:
+        _atomic_copy(_object(cache, entry.md5), _in(dest, entry), WORKSPACE_MODE)
+    copied = _mismatches("checkout", entries, dest)
+    if copied:
+        raise DataError(f"checking out data {md5} failed: {_listing(copied)}; check the disk")
+    return dest
+
+
+def _entries(cache: Path, md5: str) -> tuple[list[Entry], Mismatch | None]:
+    """The files of a version (a folder's from its manifest), or the manifest's mismatch."""
+    if not md5.endswith(".dir"):
+        return [Entry("", md5)], None
+    manifest = _object(cache, md5)
+    expected, actual = md5.removesuffix(".dir"), file_md5(manifest)
+    if actual != expected:
+        return [], Mismatch("cache", MANIFEST, manifest, expected, actual)
+    listing = json.loads(manifest.read_bytes())
+    return [Entry(item["relpath"], item["md5"]) for item in listing], None
+
+
+def _mismatches(place: str, entries: Iterable[Entry], base: Path) -> tuple[Mismatch, ...]:
+    """Entries whose copy under ``base`` (the cache, or a data folder) hashes wrong."""
+    found: dict[Path, Mismatch] = {}
+    for entry in entries:
+        path = _object(base, entry.md5) if place == "cache" else _in(base, entry)
+        if path in found:  # several files may share one cache object: report it once
+            continue
+        actual = file_md5(path)
+        if actual != entry.md5:
+            found[path] = Mismatch(place, entry.relpath, path, entry.md5, actual)
+    return tuple(found.values())
+
+
+def _object(cache: Path, oid: str) -> Path:
+    return cache / oid[:2] / oid[2:]
+
+
+def _oid(cache_path: Path) -> str:
+    return cache_path.parent.name + cache_path.name
+
+
+def _in(folder: Path, entry: Entry) -> Path:
+    return folder / entry.relpath if entry.relpath else folder
+
+
+def _listing(mismatches: Iterable[Mismatch]) -> str:
+    return "; ".join(bad.describe() for bad in mismatches)
+
+
+def _repair_manifest(root: Path, md5: str, workspace: Path | None) -> list[str]:
+    """A bad manifest is rebuilt from ``workspace`` when that gives the same md5, else fetched."""
+    if not md5.endswith(".dir"):
+        return []
+    _, bad = _entries(cache_dir(root), md5)
+    if bad is None:
+        return []
+    if workspace is not None and _rebuild_manifest(workspace, bad):
+        return [f"{MANIFEST}: cache object rebuilt from the files in {workspace}"]
+    return _from_remote(root, [bad])
+
+
+def _rebuild_manifest(workspace: Path, bad: Mismatch) -> bool:
+    """Write DVC's manifest of ``workspace`` (its sorted JSON) if it hashes to the expected md5."""
+    if not workspace.is_dir():
+        return False
+    files = sorted((p.relative_to(workspace).as_posix(), p) for p in workspace.rglob("*"))
+    listing = [{"md5": file_md5(path), "relpath": rel} for rel, path in files if path.is_file()]
+    raw = json.dumps(listing, sort_keys=True).encode("utf-8")
+    if hashlib.md5(raw).hexdigest() != bad.expected:
+        return False  # the workspace holds another version (or extra files): not a source
+    _atomic_write(bad.path, lambda tmp: tmp.write_bytes(raw), CACHE_MODE)
+    return True
+
+
+def _from_remote(root: Path, bad: list[Mismatch]) -> list[str]:
+    """Fetch fresh copies of bad cache objects; each stays as found when no good copy comes."""
+    if not bad:
+        return []
+    aside = _set_aside(bad)  # DVC skips objects that exist, so the bad ones must go first
+    try:
+        remote = _fetch(root, [_oid(item.path) for item in bad])
+    finally:
+        failures = _settle(bad, aside)
+    if failures:
+        raise DataError(_unrestorable(failures, remote))
+    return [f"{item.name or item.path.name}: cache object restored from {remote}" for item in bad]
+
+
+def _fetch(root: Path, oids: list[str]) -> str:
+    """Download objects into the cache from the default remote; returns it, for messages."""
+    try:
+        with _open(root) as repo:
+            odb = repo.cloud.get_remote_odb(None, "pull")
+            remote = f"the remote {odb.fs.unstrip_protocol(odb.path)}"
+            # A fresh Repo per call: DVC caches what it saw in the cache folder.
+            repo.cloud.pull([HashInfo("md5", oid) for oid in oids], odb=odb)
+            return remote
+    except DvcException as err:
+        return f"the DVC remote, which could not be read ({err})"
+
+
+def _set_aside(bad: list[Mismatch]) -> dict[Path, Path]:
+    aside = {}
+    for item in bad:
+        if item.actual is not None:
+            spare = item.path.with_name(item.path.name + ASIDE_SUFFIX)
+            os.replace(item.path, spare)
+            aside[item.path] = spare
+    return aside
+
+
+def _settle(bad: list[Mismatch], aside: dict[Path, Path]) -> list[tuple[Mismatch, str | None]]:
+    """Keep fetched copies that hash right; put the old bytes back where none did."""
+    failures = []
+    for item in bad:
+        fetched, spare = file_md5(item.path), aside.get(item.path)
+        if fetched == item.expected:
+            if spare is not None:
+                spare.unlink()
+            continue
+        failures.append((item, fetched))
+        if fetched is not None:
+            item.path.unlink()  # the remote's copy is corrupted as well
+        if spare is not None:
+            os.replace(spare, item.path)
+    return failures
+
+
+def _unrestorable(failures: list[tuple[Mismatch, str | None]], remote: str) -> str:
+    lines = [
+        f"  - {item.describe()}; {remote} has "
+        + ("no copy" if fetched is None else f"a corrupted copy too (md5 {fetched})")
+        for item, fetched in failures
+    ]
+    return (
+        "DVC cache objects are corrupted or missing and no good copy was found:\n"
+        + "\n".join(lines)
+        + "\nThe bad copies were left as they were. Fix: push this data version from a "
+        "machine whose cache still has it (`dvc push`), or, if it is the current version, "
+        "re-create it from its source with `peftflow ingest` (which rewrites data/ and heals "
+        "the cache from it)."
+    )
+
+
+def _restore_workspace(root: Path, md5: str, workspace: Path) -> list[str]:
+    """Rewrite the workspace files that differ from the version, from the verified cache."""
+    cache = cache_dir(root)
+    stale = verify_version(root, md5, workspace).workspace
+    for item in stale:
+        _atomic_copy(_object(cache, item.expected), item.path, WORKSPACE_MODE)
+    return [f"{item.name}: {workspace} copy restored from the cache" for item in stale]
+
+
+def _atomic_copy(source: Path, dest: Path, mode: int) -> None:
+    _atomic_write(dest, lambda tmp: shutil.copyfile(source, tmp), mode)
+
+
+def _atomic_write(dest: Path, fill: Callable[[Path], object], mode: int) -> None:
+    """Write ``dest`` via a temporary sibling: readers see the old or the new file, never half."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        fill(Path(tmp))
+        os.chmod(tmp, mode)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _default_remote(root: Path) -> str:
