@@ -153,3 +153,15 @@ def test_git_commit_and_dirty_flag_follow_the_working_tree(tmp_path):
     assert not git_dirty(tmp_path)
     (tmp_path / "train.py").write_text("print(2)\n")
     assert git_dirty(tmp_path)
+
+
+def test_a_reproduction_is_never_served_as_the_cached_run(tracking_uri, experiment_id):
+    tags = {"peftflow.run_key": "key3", "peftflow.kind": "reproduction"}
+    with RunTracker(tracking_uri) as tracker:
+        tracker.start(experiment_id, "reproduction", tags=tags, params={})
+    assert find_finished_run(tracking_uri, "spam", "key3") is None
+    with RunTracker(tracking_uri) as tracker:
+        original = tracker.start(
+            experiment_id, "original", tags={"peftflow.run_key": "key3"}, params={}
+        )
+    assert find_finished_run(tracking_uri, "spam", "key3") == original

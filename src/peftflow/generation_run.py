@@ -22,6 +22,7 @@ from peftflow.causal_lm import (
     perplexity,
     response_logits,
 )
+from peftflow.checkpoint import Checkpoints
 from peftflow.config import ExperimentConfig
 from peftflow.errors import RegistryError
 from peftflow.gen_metrics import bleu_signature, generation_metrics, samples_table
@@ -172,9 +173,17 @@ def run_zero_shot(cfg: ExperimentConfig, splits, tracker, out_dir: Path) -> dict
 
 
 def run_generation_training(
-    cfg: ExperimentConfig, splits, tracker, out_dir: Path, baseline: dict | None = None
+    cfg: ExperimentConfig,
+    splits,
+    tracker,
+    out_dir: Path,
+    baseline: dict | None = None,
+    checkpoints: Checkpoints | None = None,
 ) -> dict:
-    """Train, generate and score val/test, save and verify the reload, log everything."""
+    """Train, generate and score val/test, save and verify the reload, log everything.
+
+    ``checkpoints``: resume from and write training checkpoints (see peftflow.checkpoint).
+    """
     model, tokenizer, base = build_for_training(cfg)
     trainable, total = count_parameters(model)
     log_base_reference(tracker, base, cfg)
@@ -182,7 +191,7 @@ def run_generation_training(
     fmt, encoded = encode_splits(cfg, tokenizer, splits)
     pad_id = tokenizer.pad_token_id
     objective = generation_objective(encoded["train"], encoded["val"], cfg, pad_id)
-    outcome = train_model(model, objective, cfg, epoch_logger(tracker))
+    outcome = train_model(model, objective, cfg, epoch_logger(tracker), checkpoints)
     tracker.set_tags({"peftflow.device": outcome.device})
     frames = generated_frames(splits)
     final, predictions = score_generation(model, tokenizer, encoded, frames, cfg)

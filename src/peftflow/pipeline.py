@@ -8,6 +8,7 @@ never cross a stage boundary. ``flows/`` wires these stages in order.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -16,6 +17,7 @@ import pandas as pd
 
 from peftflow.config import ExperimentConfig
 from peftflow.tracking import (
+    RESUMED_TAG,
     RunTracker,
     ensure_experiment,
     find_finished_run,
@@ -24,6 +26,7 @@ from peftflow.tracking import (
 )
 
 SPLITS = ("train", "val", "test")
+logger = logging.getLogger("peftflow.pipeline")
 
 
 def outputs_dir(root: Path) -> Path:
@@ -241,40 +244,86 @@ def train_stage(
     root: Path,
     parent_run_id: str | None = None,
     baseline: dict | None = None,
+    extra_tags: dict[str, str] | None = None,
 ) -> dict:
     """Train + evaluate inside one MLflow run; save the model folder and check it reloads.
 
     ``parent_run_id`` nests the run under another (a study's run) in the MLflow UI;
-    ``baseline`` (the baseline stage's result) lets a generator log its gain over zero-shot.
+    ``baseline`` (the baseline stage's result) lets a generator log its gain over zero-shot;
+    ``extra_tags`` are set when the run starts (a reproduction says so from its first second).
+    The exact config is logged as JSON (``peftflow reproduce`` rebuilds it from there).
+    Training writes checkpoints under outputs/checkpoints/<run key>/: a run whose process
+    was killed resumes from there when the same run key is trained again, in the same
+    MLflow run (see ``_open_run``); they are deleted once the run has succeeded.
     """
+    from peftflow.checkpoint import claimed
     from peftflow.generation_run import run_generation_training
+    from peftflow.reproduce import log_config
     from peftflow.training_run import run_training
 
     uri = tracking_uri(cfg, root)
     experiment_id = ensure_experiment(cfg.tracking.experiment, uri, Path(root))
+    run_key = cfg.run_key(data_md5)
     tags = {
-        **standard_tags(cfg.run_key(data_md5), data_md5, cfg.config_hash(), Path(root)),
+        **standard_tags(run_key, data_md5, cfg.config_hash(), Path(root)),
         "peftflow.kind": "finetune",
         "peftflow.method": cfg.method.name,
         "peftflow.task": cfg.task,
         "peftflow.base_model": cfg.model.name,
+        **(extra_tags or {}),
     }
-    with RunTracker(uri) as tracker:
-        run_id = tracker.start(
-            experiment_id, cfg.name, tags, cfg.flat_params(), parent_run_id=parent_run_id
-        )
+    with claimed(_checkpoints(cfg, root, run_key)) as checkpoints, RunTracker(uri) as tracker:
+        run_id = _open_run(tracker, cfg, experiment_id, tags, parent_run_id, checkpoints)
+        log_config(tracker, cfg)
         for path in report_paths:
             tracker.log_artifact(path, "data_checks")
         out_dir = outputs_dir(root) / "runs" / run_id
         splits = load_splits(split_paths)
         if cfg.task == "generation":
-            result = run_generation_training(cfg, splits, tracker, out_dir, baseline)
+            result = run_generation_training(cfg, splits, tracker, out_dir, baseline, checkpoints)
         else:
-            result = run_training(cfg, splits, tracker, out_dir)
+            result = run_training(cfg, splits, tracker, out_dir, checkpoints)
         tracker.set_tags(
             {"peftflow.model_dir": result["model_dir"], "peftflow.checks_passed": "true"}
         )
-    return {"run_id": run_id, "run_key": cfg.run_key(data_md5), "cached": False, **result}
+        if checkpoints:  # the run succeeded: nothing is left to resume
+            checkpoints.discard()
+    return {"run_id": run_id, "run_key": run_key, "cached": False, **result}
+
+
+def _checkpoints(cfg: ExperimentConfig, root: Path, run_key: str):
+    """The run key's checkpoints; None with train.checkpoint_every_steps 0 or data-parallel."""
+    from peftflow.checkpoint import Checkpoints
+    from peftflow.distributed import world_size
+
+    if not cfg.train.checkpoint_every_steps or world_size() > 1:
+        return None
+    return Checkpoints(outputs_dir(root) / "checkpoints" / run_key, run_key)
+
+
+def _open_run(tracker, cfg, experiment_id, tags, parent_run_id, checkpoints) -> str:
+    """Start the run, or continue the one a killed process left (its checkpoint names it).
+
+    When that run cannot be continued (another tracking store, deleted, finished), a
+    new run starts with the epochs done so far logged again. Either way the run is
+    tagged ``peftflow.resumed_from`` = "epoch E step S".
+    """
+    from peftflow.training_run import epoch_logger
+
+    pending = checkpoints.pending() if checkpoints else None
+    if pending and pending.run_id and tracker.resume(pending.run_id, experiment_id):
+        run_id = pending.run_id
+    else:
+        params = cfg.flat_params()
+        run_id = tracker.start(experiment_id, cfg.name, tags, params, parent_run_id=parent_run_id)
+        for metrics in pending.history if pending else []:
+            epoch_logger(tracker)(int(metrics["epoch"]), metrics)
+    if pending:
+        tracker.set_tags({RESUMED_TAG: pending.position})
+        logger.info("run %s resumes from %s (%s)", run_id, pending.position, pending.folder)
+    if checkpoints:
+        checkpoints.run_id = run_id
+    return run_id
 
 
 def baseline_stage(

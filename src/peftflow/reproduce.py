@@ -311,7 +311,8 @@ def _rerun(cfg: ExperimentConfig, md5: str, root: Path, original_id: str, baseli
     tokens = pipeline.tokenisation_stage(cfg, paths, reports)
     zero_shot = pipeline.baseline_stage(cfg, paths, md5, root) if baseline else None
     checked = raw["report_paths"] + leakage["report_paths"] + tokens["report_paths"]
-    return pipeline.train_stage(cfg, paths, md5, checked, root, baseline=zero_shot)
+    tags = {KIND_TAG: REPRODUCTION_KIND, REPRODUCES_TAG: original_id}
+    return pipeline.train_stage(cfg, paths, md5, checked, root, baseline=zero_shot, extra_tags=tags)
 
 
 def _record(client: MlflowClient, outcome: Reproduction) -> None:

@@ -37,6 +37,8 @@ from peftflow.gitinfo import git_commit, git_dirty
 
 RUN_KEY_TAG = "peftflow.run_key"
 ERROR_TAG = "peftflow.error"
+# "epoch E step S": the checkpoint a run resumed from (see RunTracker.resume).
+RESUMED_TAG = "peftflow.resumed_from"
 TRUNCATION_MARK = "...[truncated]"
 # Recorded on every run (tags peftflow.versions.<package>, plus python): what produced it.
 VERSIONED_PACKAGES = (
@@ -169,9 +171,12 @@ def find_finished_run(tracking_uri: str, experiment_name: str, run_key: str) -> 
         [experiment.experiment_id],
         filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}' and attributes.status = 'FINISHED'",
         order_by=["attributes.start_time DESC"],
-        max_results=1,
+        max_results=50,
     )
-    return runs[0].info.run_id if runs else None
+    # A reproduction re-trains a run key to check it; it is no cache entry of its own.
+    # (Filtered here: MLflow's `!=` on a tag would also drop runs that lack the tag.)
+    cached = [run for run in runs if run.data.tags.get("peftflow.kind") != "reproduction"]
+    return cached[0].info.run_id if cached else None
 
 
 def _truncate(value: Any, limit: int) -> str:
@@ -231,6 +236,31 @@ class RunTracker:
         self.run_id, self._open = run.info.run_id, True
         self.log_params(params)
         return self.run_id
+
+    def resume(self, run_id: str, experiment_id: str) -> bool:
+        """Re-open run ``run_id`` (left RUNNING by a killed process, or FAILED) to go on logging.
+
+        Its tags, params and metrics stay; a recorded error moves to
+        ``peftflow.resumed_after_error``. False, with nothing changed, when the run
+        cannot be continued: not in this store and experiment, deleted, or FINISHED.
+        """
+        if self._open:
+            raise PeftflowError(f"RunTracker already has run {self.run_id} open; finish it first.")
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException:
+            return False
+        info = run.info
+        if info.experiment_id != experiment_id or info.lifecycle_stage == "deleted":
+            return False
+        if info.status == "FINISHED":
+            return False
+        self.client.update_run(run_id, status="RUNNING")
+        self.run_id, self._open = run_id, True
+        if ERROR_TAG in run.data.tags:
+            self.set_tags({f"{RESUMED_TAG}_after_error": run.data.tags[ERROR_TAG]})
+            self.client.delete_tag(run_id, ERROR_TAG)
+        return True
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Params as strings, cut to MLflow's 6000-character limit (batched 100 at a time)."""

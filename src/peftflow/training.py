@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from peftflow.checkpoint import Checkpoints, Progress
 from peftflow.config import ExperimentConfig, TrainConfig
 from peftflow.distributed import Replicas, data_parallel
 from peftflow.errors import TrainingError
@@ -312,52 +313,116 @@ def train_classifier(
     cfg: ExperimentConfig,
     pad_id: int,
     on_epoch: EpochCallback | None = None,
+    checkpoints: Checkpoints | None = None,
 ) -> TrainOutcome:
     """Train for ``cfg.train.epochs``, evaluating on ``val`` after every epoch."""
-    return train_model(model, classification_objective(train, val, cfg, pad_id), cfg, on_epoch)
+    objective = classification_objective(train, val, cfg, pad_id)
+    return train_model(model, objective, cfg, on_epoch, checkpoints)
 
 
 def train_model(
-    model: nn.Module, objective: Objective, cfg: ExperimentConfig, on_epoch: EpochCallback | None
+    model: nn.Module,
+    objective: Objective,
+    cfg: ExperimentConfig,
+    on_epoch: EpochCallback | None,
+    checkpoints: Checkpoints | None = None,
 ) -> TrainOutcome:
     """Train for ``cfg.train.epochs``; keep the weights of the best validation epoch.
 
-    In a multi-process launch every process calls this with the same arguments;
-    rank 0 validates and calls ``on_epoch``, the others receive its metrics.
+    With ``checkpoints`` (and ``train.checkpoint_every_steps`` > 0) the loop resumes
+    from the latest checkpoint of the run key, if any, and writes one every
+    ``train.checkpoint_every_steps`` optimizer steps and at each epoch end (see
+    :mod:`peftflow.checkpoint`). In a multi-process launch every process calls this
+    with the same arguments; rank 0 validates and calls ``on_epoch``, the others
+    receive its metrics; such launches do not checkpoint.
     """
     tc = cfg.train
     if not objective.lengths:
         raise TrainingError("the train split is empty; check data.split fractions and the data")
     set_seed(cfg.seed)
     device, replicas = _place(model, tc)
-    n_train = len(objective.lengths)
-    steps_per_epoch = math.ceil(n_train / (tc.batch_size * tc.grad_accum_steps))
+    if replicas or not tc.checkpoint_every_steps:  # data-parallel runs do not checkpoint yet
+        checkpoints = None
+    optimizer, scheduler = _optimizer_and_schedule(model, objective, cfg, device)
+    progress = _resume(checkpoints, model, optimizer, scheduler, _layout(objective, tc))
+    outcome = TrainOutcome(device=str(device), processes=replicas.size if replicas else 1)
+    started = time.perf_counter()
+
+    def save_checkpoint() -> None:  # the state after the latest optimizer step
+        seconds = progress.seconds + time.perf_counter() - started
+        checkpoints.save(model, optimizer, scheduler, progress, seconds)
+
+    save = save_checkpoint if checkpoints else None
+    try:
+        while progress.epoch <= tc.epochs:
+            loss = _run_epoch(model, objective, cfg, optimizer, scheduler, replicas, progress, save)
+            _end_epoch(model, objective, tc, replicas, progress, on_epoch, loss)
+            if save:
+                save()
+    except NonFiniteError:
+        if checkpoints:  # the same run key would replay the same steps into the same fault
+            checkpoints.discard()
+        raise
+    outcome.train_seconds = progress.seconds + time.perf_counter() - started
+    return _finish(model, objective, tc, progress, replicas, outcome)
+
+
+def _layout(objective: Objective, tc: TrainConfig) -> dict[str, int]:
+    """What a checkpoint's position means: training examples and optimizer steps per epoch."""
+    steps_per_epoch = math.ceil(len(objective.lengths) / (tc.batch_size * tc.grad_accum_steps))
+    return {"train_examples": len(objective.lengths), "steps_per_epoch": steps_per_epoch}
+
+
+def _resume(checkpoints, model, optimizer, scheduler, layout: dict[str, int]) -> Progress:
+    """The progress of the latest checkpoint, loaded into model/optimizer; else a fresh start."""
+    progress = checkpoints.restore(model, optimizer, scheduler) if checkpoints else None
+    if progress is None:
+        return Progress(layout=layout)
+    if progress.layout != layout:  # the run key pins data and config: the code changed
+        raise TrainingError(
+            f"checkpoint in {checkpoints.folder} was written for {progress.layout}, but this "
+            f"run has {layout}; delete {checkpoints.folder} to train this run key from the start"
+        )
+    return progress
+
+
+def _optimizer_and_schedule(model: nn.Module, objective: Objective, cfg, device):
+    """AdamW and its warmup/decay schedule over every optimizer step of the run."""
+    tc = cfg.train
+    steps_per_epoch = _layout(objective, tc)["steps_per_epoch"]
     optimizer = make_optimizer(model, tc, device)
     scheduler = make_scheduler(optimizer, tc, steps_per_epoch * tc.epochs)
     method = METHODS[cfg.method.name]
     if method.prepare_training is not None:  # e.g. AdaLoRA's rank-budget schedule
         method.prepare_training(model, cfg.method, steps_per_epoch * tc.epochs)
-    outcome = TrainOutcome(device=str(device), processes=replicas.size if replicas else 1)
-    best, best_state = None, None
-    started = time.perf_counter()
-    for epoch in range(1, tc.epochs + 1):
-        train_loss = _run_epoch(model, objective, cfg, optimizer, scheduler, replicas, epoch)
-        metrics = {"epoch": float(epoch), "train_loss": train_loss}
-        metrics.update(_validate(model, objective, replicas))
-        outcome.history.append(metrics)
-        if on_epoch and (replicas is None or replicas.is_main):
-            on_epoch(epoch, metrics)
-        if objective.improves(metrics[objective.best_metric], best):
-            best, outcome.best_epoch = metrics[objective.best_metric], epoch
-            best_state = trained_state(model) if tc.restore_best_epoch else None
-    outcome.train_seconds = time.perf_counter() - started
+    return optimizer, scheduler
+
+
+def _end_epoch(model, objective, tc: TrainConfig, replicas, progress: Progress, on_epoch, loss):
+    """Validate, record the epoch (and the best epoch's weights), move on to the next epoch."""
+    epoch = progress.epoch
+    metrics = {"epoch": float(epoch), "train_loss": loss}
+    metrics.update(_validate(model, objective, replicas))
+    progress.history.append(metrics)
+    if on_epoch and (replicas is None or replicas.is_main):
+        on_epoch(epoch, metrics)
+    if objective.improves(metrics[objective.best_metric], progress.best):
+        progress.best, progress.best_epoch = metrics[objective.best_metric], epoch
+        progress.best_state = trained_state(model) if tc.restore_best_epoch else None
+    progress.next_epoch()
+
+
+def _finish(model, objective, tc: TrainConfig, progress: Progress, replicas, outcome):
+    """Restore the best epoch's weights; fill in the outcome's history, speed and memory."""
+    outcome.history, outcome.best_epoch = progress.history, progress.best_epoch
     if replicas:
         outcome.weights_digest = replicas.require_in_sync(model)
-    if best_state is not None and outcome.best_epoch != tc.epochs:
-        model.load_state_dict(best_state, strict=False)
-    outcome.examples_per_second = n_train * tc.epochs / outcome.train_seconds
-    outcome.tokens_per_second = sum(objective.lengths) * tc.epochs / outcome.train_seconds
-    outcome.peak_memory_mb = peak_memory_mb(device)
+    if progress.best_state is not None and outcome.best_epoch != tc.epochs:
+        model.load_state_dict(progress.best_state, strict=False)
+    seconds = max(outcome.train_seconds, 1e-9)
+    outcome.examples_per_second = len(objective.lengths) * tc.epochs / seconds
+    outcome.tokens_per_second = sum(objective.lengths) * tc.epochs / seconds
+    outcome.peak_memory_mb = peak_memory_mb(next(model.parameters()).device)
     return outcome
 
 
@@ -380,14 +445,26 @@ def _validate(model: nn.Module, objective: Objective, replicas: Replicas | None)
     return replicas.broadcast(objective.validate(model) if replicas.is_main else None)
 
 
-def _run_epoch(model, objective: Objective, cfg, optimizer, scheduler, replicas, epoch) -> float:
-    """One pass over the training data; returns the mean loss. Raises on a non-finite loss.
+def _run_epoch(
+    model,
+    objective: Objective,
+    cfg,
+    optimizer,
+    scheduler,
+    replicas,
+    progress: Progress,
+    save: Callable[[], None] | None = None,
+) -> float:
+    """The rest of epoch ``progress.epoch`` (all of it unless resumed mid-epoch); its mean loss.
 
-    With ``replicas`` each process runs its shard of every step and the step's
-    gradients and loss are summed over the processes before the optimizer step.
+    Raises :class:`NonFiniteError` at the first step whose loss or gradient norm is not
+    finite, before the optimizer applies it. ``save`` writes a checkpoint every
+    ``train.checkpoint_every_steps`` steps (the epoch's last step is left to the
+    epoch-end checkpoint, after validation). With ``replicas`` each process runs its
+    shard of every step and the step's gradients and loss are summed over the
+    processes before the optimizer step.
     """
-    tc = cfg.train
-    device = next(model.parameters()).device
+    tc, epoch = cfg.train, progress.epoch
     model.train()
     # Length grouping saves compute only when a batch is padded to its own longest;
     # under a fixed width, or no padding, it would only make batches less random.
@@ -395,24 +472,39 @@ def _run_epoch(model, objective: Objective, cfg, optimizer, scheduler, replicas,
     batches = batch_order(objective.lengths, tc.batch_size, cfg.seed, epoch, grouped)
     steps = optimizer_steps(batches, tc.grad_accum_steps, unpadded=cfg.model.padding == "none")
     trainable = [p for p in model.parameters() if p.requires_grad]
-    method = METHODS[cfg.method.name]
-    hook = method.after_optimizer_step  # e.g. AdaLoRA's rank re-allocation
+    hook = METHODS[cfg.method.name].after_optimizer_step  # e.g. AdaLoRA's rank re-allocation
     after_step = partial(hook, model) if hook else None
-    losses = []
-    bar = tqdm(steps, desc=f"epoch {epoch}/{tc.epochs}", disable=not tc.progress, leave=False)
-    for step, micro_batches in enumerate(bar, start=1):
-        step_loss = _accumulate_gradients(model, objective, micro_batches, device, replicas)
-        if replicas:
-            step_loss = replicas.all_reduce_gradients(trainable, step_loss)
-        losses.append(step_loss)
-        if method.extra_loss:  # a function of the weights only: once per optimizer step
-            method.extra_loss(model).backward()
-        _optimizer_step(trainable, optimizer, scheduler, tc.max_grad_norm, after_step)
-        if step % 20 == 0:  # one host sync every 20 steps, not every step
-            _check_finite(losses[-20:], epoch, step)
-            bar.set_postfix(loss=f"{torch.stack(losses[-20:]).mean().item():.4f}")
-    _check_finite(losses, epoch, len(steps))
-    return torch.stack(losses).mean().item()
+    guard = FiniteGuard(optimizer, epoch, len(steps), deferred=after_step is None)
+    desc, quiet = f"epoch {epoch}/{tc.epochs}", not tc.progress
+    bar = tqdm(total=len(steps), initial=progress.step, desc=desc, disable=quiet, leave=False)
+    for step in range(progress.step + 1, len(steps) + 1):  # a resumed epoch skips done steps
+        loss = _train_step(model, objective, cfg, steps[step - 1], trainable, replicas)
+        check = partial(guard.check, loss, step)  # before optimizer.step(): see FiniteGuard
+        _optimizer_step(trainable, optimizer, scheduler, tc.max_grad_norm, after_step, check)
+        progress.losses.append(loss)
+        progress.step = step
+        bar.update()
+        if step % FINITE_SYNC_STEPS == 0:
+            guard.sync()
+            bar.set_postfix(loss=f"{torch.stack(progress.losses[-20:]).mean().item():.4f}")
+        if save and step % tc.checkpoint_every_steps == 0 and step < len(steps):
+            guard.sync()  # never checkpoint a state past a non-finite step
+            save()
+    bar.close()
+    guard.sync()
+    return torch.stack(progress.losses).mean().item()
+
+
+def _train_step(model, objective, cfg, micro_batches, trainable, replicas) -> torch.Tensor:
+    """Gradients of one optimizer step (summed over replicas); the step's loss, a [] tensor."""
+    device = trainable[0].device
+    loss = _accumulate_gradients(model, objective, micro_batches, device, replicas)
+    if replicas:
+        loss = replicas.all_reduce_gradients(trainable, loss)
+    method = METHODS[cfg.method.name]
+    if method.extra_loss:  # a function of the weights only: once per optimizer step
+        method.extra_loss(model).backward()
+    return loss
 
 
 def _accumulate_gradients(
@@ -443,11 +535,24 @@ def _accumulate_gradients(
 
 
 def _optimizer_step(
-    trainable, optimizer, scheduler, max_grad_norm, after_step: Callable[[int], None] | None
+    trainable,
+    optimizer,
+    scheduler,
+    max_grad_norm,
+    after_step: Callable[[int], None] | None,
+    check: Callable[[torch.Tensor], None] | None = None,
 ) -> None:
-    """Clip, step, then let the method act on the fresh weights and the still-present grads."""
+    """Clip, check, step, then let the method act on the fresh weights and the still-present grads.
+
+    ``check`` gets the total gradient norm (a [] tensor, before clipping) ahead of
+    ``optimizer.step()``: it raises, or flags the step for the optimizer to skip.
+    """
     if max_grad_norm:
-        torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
+        norm = torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
+    elif check is not None:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in trainable if p.grad is not None])
+    if check is not None:
+        check(norm)
     optimizer.step()
     scheduler.step()
     if after_step is not None:
@@ -455,9 +560,60 @@ def _optimizer_step(
     optimizer.zero_grad(set_to_none=True)
 
 
-def _check_finite(losses: list[torch.Tensor], epoch: int, step: int) -> None:
-    if not torch.isfinite(torch.stack(losses)).all():
-        raise TrainingError(
-            f"non-finite loss in epoch {epoch} by step {step}; lower train.lr, enable "
-            "train.max_grad_norm, or use float32 (model.dtype)"
+# Steps between host reads of the deferred finiteness flag on a GPU (see FiniteGuard).
+FINITE_SYNC_STEPS = 20
+
+
+class NonFiniteError(TrainingError):
+    """A step's loss or gradient norm was NaN or infinite; the optimizer did not apply it."""
+
+
+class FiniteGuard:
+    """Stops an epoch at the first optimizer step whose loss or gradient norm is not finite.
+
+    On a CPU every step is checked on the host before ``optimizer.step()`` (a
+    ``.item()`` there costs nothing). On a GPU a host read each step would stall the
+    kernel queue, so with fused AdamW (``make_optimizer`` on CUDA) the check stays on
+    the device: a sticky flag [] is handed to the optimizer as ``found_inf`` (the AMP
+    grad-scaler mechanism), so fused AdamW skips the bad step and every later one
+    (weights, moments and step counts untouched), and the host reads the flags every
+    FINITE_SYNC_STEPS steps, before each checkpoint and at the epoch end, then raises
+    naming the first bad step. Methods with an after-step hook (AdaLoRA edits weights
+    from the gradients) are checked on the host every step.
+    """
+
+    def __init__(self, optimizer, epoch: int, n_steps: int, deferred: bool = True):
+        self.optimizer, self.epoch, self.n_steps = optimizer, epoch, n_steps
+        self.deferred = deferred and bool(optimizer.defaults.get("fused"))
+        self.pending: list[tuple[int, torch.Tensor]] = []  # (step, [2] finite flags) unread
+        self.bad: torch.Tensor | None = None  # [] on the device: any bad step so far
+
+    def check(self, loss: torch.Tensor, step: int, norm: torch.Tensor) -> None:
+        finite = torch.stack([torch.isfinite(loss), torch.isfinite(norm)])  # [2] bool
+        if not self.deferred:
+            self._raise_unless_finite(step, finite)
+            return
+        self.pending.append((step, finite))
+        step_bad = (~finite.all()).float()
+        self.bad = step_bad if self.bad is None else torch.maximum(self.bad, step_bad)
+        self.optimizer.found_inf = self.bad
+
+    def sync(self) -> None:
+        """Read the deferred flags (one host sync); raise at the first non-finite step."""
+        pending, self.pending = self.pending, []
+        if pending:
+            flags = torch.stack([finite for _, finite in pending]).cpu()  # [S, 2]
+            for (step, _), finite in zip(pending, flags, strict=True):
+                self._raise_unless_finite(step, finite)
+
+    def _raise_unless_finite(self, step: int, finite: torch.Tensor) -> None:
+        loss_ok, norm_ok = (bool(flag) for flag in finite)
+        if loss_ok and norm_ok:
+            return
+        what = "loss" if not loss_ok else "gradient norm"
+        raise NonFiniteError(
+            f"non-finite {what} in epoch {self.epoch} at optimizer step {step} of "
+            f"{self.n_steps}; training stopped before the optimizer applied it. Lower "
+            "train.lr, set train.max_grad_norm (e.g. 1.0), or train in float32 "
+            "(model.dtype: float32, train.precision: fp32)"
         )

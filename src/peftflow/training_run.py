@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from peftflow.checkpoint import Checkpoints
 from peftflow.config import ExperimentConfig
 from peftflow.errors import RegistryError
 from peftflow.metrics import confusion, plot_confusion
@@ -44,16 +45,25 @@ def encode_splits(cfg: ExperimentConfig, tokenizer, splits: dict[str, pd.DataFra
 
 
 def run_training(
-    cfg: ExperimentConfig, splits: dict[str, pd.DataFrame], tracker, out_dir: Path
+    cfg: ExperimentConfig,
+    splits: dict[str, pd.DataFrame],
+    tracker,
+    out_dir: Path,
+    checkpoints: Checkpoints | None = None,
 ) -> dict:
-    """Everything between 'data is checked' and 'model folder verified', logged to ``tracker``."""
+    """Everything between 'data is checked' and 'model folder verified', logged to ``tracker``.
+
+    ``checkpoints``: resume from and write training checkpoints (see peftflow.checkpoint).
+    """
     model, tokenizer, base = build_for_training(cfg)
     trainable, total = count_parameters(model)
     log_base_reference(tracker, base, cfg)
     encoded = encode_splits(cfg, tokenizer, splits)
     pad_id = tokenizer.pad_token_id
     log_epoch = epoch_logger(tracker)
-    outcome = train_classifier(model, encoded["train"], encoded["val"], cfg, pad_id, log_epoch)
+    outcome = train_classifier(
+        model, encoded["train"], encoded["val"], cfg, pad_id, log_epoch, checkpoints
+    )
     tracker.set_tags({"peftflow.device": outcome.device})
     final = _final_metrics(model, encoded, cfg, pad_id, out_dir, tracker)
     final.update(outcome_metrics(trainable, total, outcome))
