@@ -57,9 +57,20 @@ def validate_raw(cfg: ExperimentConfig, table_path: str, report_dir: Path) -> di
     return pipeline.validate_raw_stage(cfg, table_path, report_dir)
 
 
-@task(name="split")
-def split(cfg: ExperimentConfig, table_path: str, data_md5: str, root: Path) -> dict:
+def _split_cache_key(context, parameters: dict) -> str:
+    return pipeline.split_cache_key(parameters["cfg"], parameters["data_md5"], parameters["root"])
+
+
+# Cacheable: the result (paths + summary, JSON, never a DataFrame) is persisted by Prefect.
+@task(name="split", persist_result=True, result_serializer="json", cache_key_fn=_split_cache_key)
+def _split(cfg: ExperimentConfig, table_path: str, data_md5: str, root: Path) -> dict:
     return pipeline.split_stage(cfg, table_path, data_md5, root)
+
+
+def split(cfg: ExperimentConfig, table_path: str, data_md5: str, root: Path, **options):
+    """The split task; its persisted result is reused only while the files it names exist."""
+    fresh = not pipeline.split_written(cfg, data_md5, root)
+    return _split.with_options(refresh_cache=fresh)(cfg, table_path, data_md5, root, **options)
 
 
 @task(name="validate-splits")

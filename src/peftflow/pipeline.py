@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
+import peftflow
 from peftflow.config import ExperimentConfig
 from peftflow.tracking import (
     RESUMED_TAG,
@@ -116,14 +117,32 @@ def split_stage(cfg: ExperimentConfig, table_path: str, data_md5: str, root: Pat
     else:
         splits = splitting.split_dataset(table, cfg.data.split, cfg.seed)
         summary = splitting.split_summary(splits)
-    key = f"{cfg.task}-{data_md5}-{cfg.data.split.model_dump_json()}-{cfg.seed}"
-    out = outputs_dir(root) / "splits" / _short_hash(key)
+    out = split_dir(cfg, data_md5, root)
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
     for name in SPLITS:
         paths[name] = str(out / f"{name}.parquet")
         splits[name].to_parquet(paths[name], index=False)
     return {"paths": paths, "summary": summary}
+
+
+def split_dir(cfg: ExperimentConfig, data_md5: str, root: Path) -> Path:
+    """Where the split of one data version, split config and seed is written."""
+    key = f"{cfg.task}-{data_md5}-{cfg.data.split.model_dump_json()}-{cfg.seed}"
+    return outputs_dir(root) / "splits" / _short_hash(key)
+
+
+def split_cache_key(cfg: ExperimentConfig, data_md5: str, root: Path) -> str:
+    """A result-cache key for the split stage: a pure function of (data version, split
+    config, seed, project folder, code), so an orchestrator may persist its result."""
+    folder = split_dir(cfg, data_md5, Path(root).resolve())
+    return f"split-{_short_hash(f'{folder}-{peftflow.__version__}')}"
+
+
+def split_written(cfg: ExperimentConfig, data_md5: str, root: Path) -> bool:
+    """Whether the split's three files exist (a persisted result naming them is valid)."""
+    folder = split_dir(cfg, data_md5, Path(root).resolve())
+    return all((folder / f"{name}.parquet").is_file() for name in SPLITS)
 
 
 def validate_splits_stage(split_paths: dict[str, str], report_dir: Path) -> dict:
