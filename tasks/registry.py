@@ -11,7 +11,9 @@ from peftflow import pipeline, registry
 from peftflow.config import ExperimentConfig
 
 
-@task(name="register-model", retries=1, retry_delay_seconds=5)
+# No task-level retries: registration retries transient store errors itself, and a whole
+# re-run after a registration that did land would give the run a second version.
+@task(name="register-model")
 def register(
     cfg: ExperimentConfig, run_id: str, model_dir: str, root: Path, check_path: str | None = None
 ) -> dict:

@@ -6,12 +6,18 @@ margin. Every decision, promoted or refused, is written on the model version
 (tags) and appended to the registered model's description, so the registry
 itself explains why the champion is the champion. Aliases replace the
 deprecated stages: ``champion`` serves, ``previous`` is the rollback target.
+
+Runs may finish together. Registration retries transient store errors and never registers
+one call's run twice; promotion and rollback run under the model's registry lock
+(:mod:`peftflow.locks`) and read the champion only once they hold it, so concurrent
+promotions end as if they had run one after another.
 """
 
 from __future__ import annotations
 
 import math
 import tempfile
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -27,6 +33,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
 from peftflow.errors import RegistryError
+from peftflow.locks import RegistryLock
+from peftflow.retry import retry_transient
 from peftflow.tracking import check_tracking_server
 
 MODEL_ARTIFACT_PATH = "model"
@@ -35,6 +43,9 @@ PREVIOUS = "previous"
 LOGGED_CHECK_TAG = "peftflow.logged_model_check"
 DECISION_TAG = "peftflow.promotion.decision"
 REASON_TAG = "peftflow.promotion.reason"
+# One id per register_version call, on the version it created: finds what a failed attempt
+# may have committed, so a retry never registers the run twice.
+REGISTRATION_TAG = "peftflow.registration_id"
 # What a served model needs at load time; pinned exactly so MLflow does not
 # infer requirements (inference imports the model and asks for torchvision).
 PINNED_PACKAGES = ("torch", "transformers", "peft", "pandas", "cloudpickle")
@@ -137,10 +148,69 @@ def log_and_register_model(
         client.log_artifacts(run_id, str(saved), MODEL_ARTIFACT_PATH)
     if check is not None:
         _check_logged_model(client, run_id, check)
+    return register_version(
+        client, model_name, f"{run.info.artifact_uri}/{MODEL_ARTIFACT_PATH}", run_id
+    )
+
+
+def register_version(
+    client: MlflowClient, model_name: str, source: str, run_id: str
+) -> ModelVersionInfo:
+    """Register ``source``, the model logged in ``run_id``, as a new version of ``model_name``.
+
+    Safe when many runs register at once: the store numbers versions atomically (a unique
+    key, retried on conflict), and transient store errors are retried with backoff. A store
+    can commit a create and still report an error (and MLflow's HTTP client resends a POST
+    after a 5xx), so a retry first looks for the version this call tagged, and extra
+    versions carrying the same tag are deleted: one call registers its run exactly once.
+    """
     _ensure_registered_model(client, model_name)
-    source = f"{run.info.artifact_uri}/{MODEL_ARTIFACT_PATH}"
-    registered = client.create_model_version(model_name, source, run_id=run_id)
+    registration_id = uuid.uuid4().hex
+    attempts: list[int] = []
+
+    def create() -> Any:
+        committed = _registered_by(client, model_name, run_id, registration_id) if attempts else []
+        attempts.append(1)
+        if committed:  # the failed attempt was written after all
+            return committed[0]
+        tags = {REGISTRATION_TAG: registration_id}
+        return client.create_model_version(model_name, source, run_id=run_id, tags=tags)
+
+    registered = retry_transient(create, f"registering run {run_id} as a version of {model_name!r}")
+    _drop_duplicates(client, model_name, run_id, registration_id, str(registered.version))
     return ModelVersionInfo(registered.name, str(registered.version), registered.source)
+
+
+def _registered_by(
+    client: MlflowClient, model_name: str, run_id: str, registration_id: str
+) -> list[Any]:
+    """Versions of ``run_id`` tagged with ``registration_id``, lowest number first.
+
+    Filtered by run id only (hex, safe in a filter); a model name may hold a quote.
+    """
+    versions = client.search_model_versions(f"run_id = '{run_id}'")
+    found = [
+        v
+        for v in versions
+        if v.name == model_name and v.tags.get(REGISTRATION_TAG) == registration_id
+    ]
+    return sorted(found, key=lambda v: int(v.version))
+
+
+def _drop_duplicates(
+    client: MlflowClient, model_name: str, run_id: str, registration_id: str, keep: str
+) -> None:
+    """Delete versions one registration created besides ``keep`` (resent POSTs)."""
+    doing = f"checking run {run_id}'s registration in {model_name!r} for duplicates"
+    found = retry_transient(
+        lambda: _registered_by(client, model_name, run_id, registration_id), doing
+    )
+    for duplicate in found:
+        if str(duplicate.version) != keep:
+            retry_transient(
+                lambda d=duplicate: client.delete_model_version(model_name, str(d.version)),
+                f"deleting duplicate version {duplicate.version} of {model_name!r}",
+            )
 
 
 def _check_logged_model(
@@ -188,11 +258,15 @@ def assert_same_predictions(
 
 
 def _ensure_registered_model(client: MlflowClient, model_name: str) -> None:
-    try:
-        client.create_registered_model(model_name)
-    except MlflowException as error:
-        if error.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
-            raise
+    def create() -> None:
+        try:
+            client.create_registered_model(model_name)
+        except MlflowException as error:
+            # Another run created it first (or our own retried create did): nothing to do.
+            if error.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+                raise
+
+    retry_transient(create, f"creating registered model {model_name!r}")
 
 
 def _get_run(client: MlflowClient, run_id: str) -> Any:
@@ -284,12 +358,58 @@ def _record_decision(
     client: MlflowClient, model_name: str, model_version: str, decision: str, reason: str
 ) -> None:
     """Write the decision on the version's tags and as a timestamped line of the description."""
-    client.set_model_version_tag(model_name, model_version, DECISION_TAG, decision)
-    client.set_model_version_tag(model_name, model_version, REASON_TAG, reason)
+    for key, value in ((DECISION_TAG, decision), (REASON_TAG, reason)):
+        retry_transient(
+            lambda k=key, v=value: client.set_model_version_tag(model_name, model_version, k, v),
+            f"tagging {model_name!r} version {model_version} with {key}",
+        )
     stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     line = f"{stamp} v{model_version} {decision}: {reason}"
-    description = client.get_registered_model(model_name).description or ""
-    client.update_registered_model(model_name, description=f"{description}{line}\n")
+
+    def append() -> None:
+        # Read-modify-write: safe under the registry lock; a retry after a write that
+        # committed finds the line already there and adds nothing.
+        description = client.get_registered_model(model_name).description or ""
+        if line not in description.splitlines():
+            client.update_registered_model(model_name, description=f"{description}{line}\n")
+
+    retry_transient(append, f"appending the decision to the description of {model_name!r}")
+
+
+def _set_alias(client: MlflowClient, model_name: str, alias: str, version: str) -> None:
+    retry_transient(
+        lambda: client.set_registered_model_alias(model_name, alias, version),
+        f"pointing alias {alias!r} of {model_name!r} at version {version}",
+    )
+
+
+def _gate(
+    client: MlflowClient,
+    model_name: str,
+    version: str,
+    metric: str,
+    margin: float,
+    require_tags: dict[str, str],
+) -> PromotionDecision:
+    """The decision for ``version`` against the champion as the registry holds it now."""
+    candidate = _model_version(client, model_name, version)
+    candidate_metric = _run_metric(client, candidate.run_id, metric, "candidate")
+    champion_version = _aliases(client, model_name).get(CHAMPION)
+    champion_metric = None
+    if champion_version is not None:
+        champion = _model_version(client, model_name, champion_version)
+        champion_metric = _run_metric(client, champion.run_id, metric, "champion")
+
+    missing = _missing_tags(_get_run(client, candidate.run_id).data.tags, require_tags)
+    if champion_version == version:
+        promoted, reason = False, f"version {version} is already the champion"
+    elif missing:
+        promoted, reason = False, f"candidate run fails required tags: {', '.join(missing)}"
+    else:
+        promoted, reason = _judge(
+            candidate_metric, champion_version, champion_metric, metric, margin
+        )
+    return PromotionDecision(promoted, reason, candidate_metric, champion_version, champion_metric)
 
 
 def promote_if_better(
@@ -305,34 +425,26 @@ def promote_if_better(
     The gate: every ``require_tags`` entry is on the candidate's run, and its
     ``metric`` (higher is better) beats the champion's by more than ``margin``.
     On promotion the old champion becomes ``previous`` (the rollback target).
+
+    The gate runs under the model's registry lock and reads the champion only once it
+    holds it: concurrent promotions of one model (threads, processes, hosts) take turns
+    in arrival order and end as they would one after another.
     """
+    version = str(version)
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
-    candidate = _model_version(client, model_name, version)
-    candidate_metric = _run_metric(client, candidate.run_id, metric, "candidate")
-    champion_version = _aliases(client, model_name).get(CHAMPION)
-    champion_metric = None
-    if champion_version is not None:
-        champion = _model_version(client, model_name, champion_version)
-        champion_metric = _run_metric(client, champion.run_id, metric, "champion")
-
-    missing = _missing_tags(_get_run(client, candidate.run_id).data.tags, require_tags or {})
-    if champion_version == str(version):
-        promoted, reason = False, f"version {version} is already the champion"
-    elif missing:
-        promoted, reason = False, f"candidate run fails required tags: {', '.join(missing)}"
-    else:
-        promoted, reason = _judge(
-            candidate_metric, champion_version, champion_metric, metric, margin
-        )
-
-    if promoted:
-        if champion_version is not None:
-            client.set_registered_model_alias(model_name, PREVIOUS, champion_version)
-        client.set_registered_model_alias(model_name, CHAMPION, str(version))
-    _record_decision(
-        client, model_name, str(version), "promoted" if promoted else "refused", reason
-    )
-    return PromotionDecision(promoted, reason, candidate_metric, champion_version, champion_metric)
+    _model_version(client, model_name, version)  # fail fast, before taking the lock
+    with RegistryLock(client, model_name, f"promote v{version}") as lock:
+        decision = _gate(client, model_name, version, metric, margin, require_tags or {})
+        lock.check()
+        if decision.promoted:
+            # previous first: a failure between the two writes leaves champion untouched.
+            if decision.champion_version is not None:
+                _set_alias(client, model_name, PREVIOUS, decision.champion_version)
+            _set_alias(client, model_name, CHAMPION, version)
+            lock.check()
+        verdict = "promoted" if decision.promoted else "refused"
+        _record_decision(client, model_name, version, verdict, decision.reason)
+    return decision
 
 
 def promote(
@@ -370,10 +482,28 @@ def rollback(model_name: str, tracking_uri: str) -> str:
     """Move ``champion`` back to the ``previous`` version and return that version.
 
     ``previous`` is consumed, so a second rollback needs a new promotion first
-    (rolling back twice would otherwise bounce between two versions).
+    (rolling back twice would otherwise bounce between two versions). Runs under the
+    same registry lock as promotion, so it never interleaves with one.
     """
     check_tracking_server(tracking_uri)
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    _rollback_pair(client, model_name)  # fail fast, before taking the lock
+    with RegistryLock(client, model_name, "rollback") as lock:
+        demoted, restored = _rollback_pair(client, model_name)
+        lock.check()
+        _set_alias(client, model_name, CHAMPION, restored)
+        retry_transient(
+            lambda: _delete_alias(client, model_name, PREVIOUS),
+            f"deleting alias {PREVIOUS!r} of {model_name!r}",
+        )
+        _record_decision(
+            client, model_name, demoted, "rolled_back", f"champion returned to v{restored}"
+        )
+    return restored
+
+
+def _rollback_pair(client: MlflowClient, model_name: str) -> tuple[str, str]:
+    """(champion, previous) versions; RegistryError when either alias is missing."""
     aliases = _aliases(client, model_name)
     if PREVIOUS not in aliases or CHAMPION not in aliases:
         raise RegistryError(
@@ -381,10 +511,12 @@ def rollback(model_name: str, tracking_uri: str) -> str:
             f"{PREVIOUS!r} alias (has {sorted(aliases) or 'none'}). Promote a version first, "
             f"or set the alias by hand with MlflowClient.set_registered_model_alias."
         )
-    demoted, restored = aliases[CHAMPION], aliases[PREVIOUS]
-    client.set_registered_model_alias(model_name, CHAMPION, restored)
-    client.delete_registered_model_alias(model_name, PREVIOUS)
-    _record_decision(
-        client, model_name, demoted, "rolled_back", f"champion returned to v{restored}"
-    )
-    return restored
+    return aliases[CHAMPION], aliases[PREVIOUS]
+
+
+def _delete_alias(client: MlflowClient, model_name: str, alias: str) -> None:
+    try:
+        client.delete_registered_model_alias(model_name, alias)
+    except MlflowException as error:
+        if error.error_code not in NOT_FOUND_CODES:  # gone already (a retry): what we wanted
+            raise
