@@ -306,6 +306,35 @@ def config(
 
 
 @app.command()
+def estimate(
+    config_path: str = typer.Option(..., "--config", help="Experiment YAML."),
+    set_: list[str] = typer.Option([], "--set", help="Override a field: --set train.epochs=2"),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Micro-batch to size for."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Predict peak training memory (no weights loaded): parameters, optimizer, activations."""
+    from peftflow.config import load_config
+    from peftflow.estimate import estimate_config
+
+    try:
+        result = estimate_config(load_config(config_path, _parse_overrides(set_)), batch_size)
+    except PeftflowError as err:
+        _fail(err)
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    counts = result.counts
+    typer.echo(
+        f"{result.architecture.model_type}: {counts.total:,} parameters, "
+        f"{counts.trainable:,} trainable; batch {result.batch_size} x {result.seq_len} tokens, "
+        f"{result.precision} on {result.device}"
+    )
+    typer.echo(result.table())
+    for note in result.notes:
+        typer.echo(f"# {note}")
+
+
+@app.command()
 def study(
     path: str = typer.Argument(..., help="Study YAML (see configs/studies/)."),
     root: Path = typer.Option(Path("."), help="Project folder holding data/, mlflow.db, outputs/."),

@@ -30,7 +30,13 @@ from peftflow.model_io import build_base, build_for_training, load_model, save_m
 from peftflow.modeling import count_parameters
 from peftflow.prompting import EncodedGeneration, PromptFormat, encode_generation, prompt_format
 from peftflow.training import pick_device, train_model
-from peftflow.training_run import epoch_logger, log_base_reference, outcome_metrics
+from peftflow.training_run import (
+    epoch_logger,
+    log_base_reference,
+    memory_prediction_metrics,
+    outcome_metrics,
+    predicted_peak_memory_mb,
+)
 
 # Validation picks the best epoch by teacher-forced loss (cheap); generation, the costly
 # part on a CPU (one forward per new token), scores the test split.
@@ -186,6 +192,7 @@ def run_generation_training(
     """
     model, tokenizer, base = build_for_training(cfg)
     trainable, total = count_parameters(model)
+    predicted = predicted_peak_memory_mb(model, cfg)
     log_base_reference(tracker, base, cfg)
     splits = capped_splits(cfg, splits)
     fmt, encoded = encode_splits(cfg, tokenizer, splits)
@@ -199,6 +206,8 @@ def run_generation_training(
     final.update(outcome_metrics(trainable, total, outcome))
     final.update(gains_over_baseline(final, baseline))
     tracker.log_metrics(final)
+    # Logged, not returned: like peak_memory_mb they vary between processes (RSS on CPU).
+    tracker.log_metrics(memory_prediction_metrics(predicted, outcome.peak_memory_mb))
     tracker.log_dict({"history": outcome.history}, "history.json")
     zero_shot = baseline_predictions(baseline, frames)
     log_scoring(tracker, cfg, fmt, tokenizer, encoded, frames, predictions, zero_shot)

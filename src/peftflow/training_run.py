@@ -57,6 +57,7 @@ def run_training(
     """
     model, tokenizer, base = build_for_training(cfg)
     trainable, total = count_parameters(model)
+    predicted = predicted_peak_memory_mb(model, cfg)
     log_base_reference(tracker, base, cfg)
     encoded = encode_splits(cfg, tokenizer, splits)
     pad_id = tokenizer.pad_token_id
@@ -68,6 +69,8 @@ def run_training(
     final = _final_metrics(model, encoded, cfg, pad_id, out_dir, tracker)
     final.update(outcome_metrics(trainable, total, outcome))
     tracker.log_metrics(final)
+    # Logged, not returned: like peak_memory_mb they vary between processes (RSS on CPU).
+    tracker.log_metrics(memory_prediction_metrics(predicted, outcome.peak_memory_mb))
     tracker.log_dict({"history": outcome.history}, "history.json")
     model_dir = save_model(model, tokenizer, cfg, base, out_dir / "model")
     verify_reload(model, encoded["test"], model_dir, pad_id, cfg)
@@ -109,6 +112,30 @@ def outcome_metrics(trainable: int, total: int, outcome: TrainOutcome) -> dict[s
         "train_tokens_per_second": outcome.tokens_per_second,
         "peak_memory_mb": outcome.peak_memory_mb,
         "best_epoch": float(outcome.best_epoch),
+    }
+
+
+def predicted_peak_memory_mb(model, cfg: ExperimentConfig) -> float:
+    """peftflow.estimate's prediction for the built model, before it trains (MiB).
+
+    On CPU the measured peak is the process's peak RSS, so the runtime term is what the
+    process holds now (libraries, data, tokenizer) less the model's weights, which
+    the estimate counts itself; on CUDA both sides count tensors only.
+    """
+    from peftflow.estimate import estimate_device, estimate_for_model, runtime_baseline_bytes
+
+    runtime = runtime_baseline_bytes(estimate_device(cfg))
+    if runtime:
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        runtime = max(runtime - weights, 0.0)
+    return estimate_for_model(model, cfg, runtime_bytes=runtime).total_mb
+
+
+def memory_prediction_metrics(predicted_mb: float, measured_mb: float) -> dict[str, float]:
+    """Predicted peak memory next to the measured ``peak_memory_mb``, and their ratio."""
+    return {
+        "predicted_peak_memory_mb": predicted_mb,
+        "peak_memory_predicted_over_measured": predicted_mb / measured_mb if measured_mb else 0.0,
     }
 
 

@@ -1,0 +1,1 @@
+"""Measurement harnesses (not part of the installed package); see benchmarks/README.md."""

@@ -1,0 +1,88 @@
+"""Smoke test of benchmarks/train_throughput.py: both sides, 2 timed steps, a 2-layer model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from benchmarks import train_throughput as bench
+
+RUN_FIELDS = {
+    "seconds",
+    "steps",
+    "examples",
+    "real_tokens",
+    "padded_tokens",
+    "tokens_per_s",
+    "examples_per_s",
+    "mean_step_s",
+    "peak_memory_mb",
+    "memory_kind",
+    "params_total",
+    "params_trainable",
+    "flops_per_token",
+    "mfu",
+    "side",
+    "repeat",
+    "load_before",
+    "load_after",
+}
+
+
+@pytest.mark.slow
+def test_harness_times_both_sides_on_the_same_work(tiny_models, tmp_path):
+    argv = [
+        "--model",
+        str(tiny_models["llama"]),
+        "--method",
+        "lora",
+        "--batch-size",
+        "4",
+        "--max-length",
+        "32",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--repeats",
+        "1",
+        "--device",
+        "cpu",
+        "--in-process",
+        "--out",
+        str(tmp_path),
+    ]
+    report = bench.main(argv)
+    written = json.loads((tmp_path / "llama-lora-b4-t32.json").read_text())
+    assert written["summary"] == report["summary"]
+    assert (tmp_path / "llama-lora-b4-t32.md").read_text().startswith("# Training throughput")
+    assert written["data_source"].startswith("synthetic")  # no data/dataset.parquet here
+    assert written["machine"]["cores"] and written["machine"]["torch"]
+    assert written["command"].startswith("python benchmarks/train_throughput.py --model")
+    ours, trainer = (next(r for r in written["runs"] if r["side"] == s) for s in bench.SIDES)
+    for run in (ours, trainer):
+        assert run.keys() >= RUN_FIELDS
+        assert run["steps"] == 2 and run["examples"] == 8
+        assert run["seconds"] > 0 and run["mean_step_s"] == pytest.approx(run["seconds"] / 2)
+        assert 0 < run["real_tokens"] <= run["padded_tokens"] <= 8 * 32
+        assert run["mfu"] is None and run["memory_kind"] == "process_peak_rss"
+    # Same data, same examples over the epoch; the same adapters and a 2-label head
+    # (ours has a bias, LlamaForSequenceClassification's score layer has none).
+    assert ours["epoch_real_tokens"] == trainer["epoch_real_tokens"]
+    assert ours["params_trainable"] - trainer["params_trainable"] == 2
+    speedup = written["summary"]["speedup_tokens_per_s"]
+    assert speedup == pytest.approx(ours["tokens_per_s"] / trainer["tokens_per_s"])
+
+
+def test_flops_per_token_rules():
+    assert bench.flops_per_token("full", 100, 100) == 600
+    assert bench.flops_per_token("lora", 100, 1) == 400
+    assert bench.flops_per_token("last_block", 100, 10) == 240
+
+
+def test_synthetic_lengths_look_like_emails():
+    texts, labels = bench.synthetic_texts(400, seed=0)
+    words = sorted(len(t.split()) for t in texts)
+    assert 150 < words[200] < 320  # median near 230 words
+    assert sum(w > 150 for w in words) > 0.6 * len(words)  # most exceed 192 tokens
+    assert set(labels) == {0, 1}
