@@ -187,3 +187,16 @@ def test_run_training_logs_predicted_next_to_measured(tiny_models, tmp_path):
     # CPU: both are whole-process figures; a 2-layer model is all runtime, so they are close.
     assert 0.5 < predicted / measured <= 1.5
     assert "predicted_peak_memory_mb" not in result["metrics"]  # varies between processes
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("method", ["lora", "full", "last_block", "prefix_tuning", "ia3"])
+def test_causal_lms_wrapped_by_peft_are_estimated(tiny_causal_lms, kind, method):
+    """Generation models are PeftModelForCausalLM (or plain causal LMs): blocks are found."""
+    from tests.test_generation import gen_config
+
+    cfg = gen_config(tiny_causal_lms[kind], method)
+    model, _, _ = build_for_training(cfg)
+    estimate = estimate_for_model(model, cfg, runtime_bytes=0.0)
+    assert estimate.total_mb > 0
+    assert estimate.components["logits"] > 0  # [B, T, vocab]: the generation term

@@ -80,3 +80,19 @@ def test_bf16_autocast_trains_and_predicts_in_float32(tiny_models):
     data = encoded_table(cfg, build_for_training(cfg)[1], n=8)
     logits = predict_logits(model, data, 8, pad_id=0, side="right", precision="bf16")
     assert logits.dtype == torch.float32 and logits.shape == (8, 2)
+
+
+def test_peak_memory_counts_this_run_not_the_process_lifetime():
+    """A flow process runs many stages: a run's peak starts when it starts training."""
+    import torch
+
+    from peftflow.training import peak_memory_mb, reset_peak_memory
+
+    cpu = torch.device("cpu")
+    spike = b"\x01" * (400 * 2**20)  # 400 MiB written (so resident) before the run
+    del spike
+    before = peak_memory_mb(cpu)
+    reset_peak_memory(cpu)
+    after = peak_memory_mb(cpu)
+    assert after < before - 300  # the earlier spike is no longer charged
+    assert after > 50  # still the whole process (libraries, interpreter)

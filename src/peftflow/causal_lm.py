@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from peftflow.assets import ResolvedModel
+from peftflow.attention import ATTENTION
 from peftflow.config import ExperimentConfig, GenerationConfig, ModelConfig
 from peftflow.errors import ConfigError
 from peftflow.modeling import mask_positions
@@ -74,13 +75,13 @@ def build_causal_lm(resolved: ResolvedModel, model_cfg: ModelConfig, seed: int =
             resolved.location,
             revision=resolved.revision,
             dtype=dtype,
-            attn_implementation="sdpa",
+            attn_implementation=ATTENTION,
             use_safetensors=True,  # never unpickle a .bin checkpoint
         )
     else:
         config = AutoConfig.from_pretrained(resolved.location, revision=resolved.revision)
         torch.manual_seed(seed)  # the random base is a pure function of (architecture, seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=ATTENTION)
     torch.manual_seed(seed)  # new method tensors (adapters, prompts) start from the seed
     return model
 

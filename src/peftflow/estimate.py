@@ -46,6 +46,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from peftflow.attention import ATTENTION
 from peftflow.config import ExperimentConfig
 
 MIB = 2**20
@@ -210,9 +211,7 @@ def backprop_layers(model: nn.Module, layers: int) -> int:
     lowest trainable block nothing is saved. Trainable tensors that feed the input
     (embeddings, prompt/prefix parameters, adapters in every block) mean all L.
     """
-    from peftflow.modeling import transformer_blocks
-
-    blocks = transformer_blocks(_backbone(model))
+    blocks = _blocks(model)
     in_blocks = {id(p): i for i, block in enumerate(blocks) for p in block.parameters()}
     lowest = layers
     for name, param in model.named_parameters():
@@ -232,6 +231,22 @@ def _backbone(model: nn.Module) -> nn.Module:
         if isinstance(getattr(module, "config", None), PretrainedConfig):
             return module
     raise ValueError(f"{type(model).__name__} holds no transformers model with a config")
+
+
+def _blocks(model: nn.Module) -> nn.ModuleList:
+    """The transformer blocks, also through wrappers (a PeftModel's ``config`` is its base's)."""
+    from transformers import PretrainedConfig
+
+    from peftflow.errors import ConfigError
+    from peftflow.modeling import transformer_blocks
+
+    for module in model.modules():
+        if isinstance(getattr(module, "config", None), PretrainedConfig):
+            try:
+                return transformer_blocks(module)
+            except ConfigError:
+                continue  # a wrapper: look further down
+    raise ValueError(f"{type(model).__name__} holds no transformer blocks peftflow knows")
 
 
 def layer_factor(arch: Architecture) -> float:
@@ -401,8 +416,8 @@ def _architecture_only(base, cfg: ExperimentConfig) -> nn.Module:
     config = AutoConfig.from_pretrained(base.location, revision=base.revision)
     dtype = getattr(torch, cfg.model.dtype)
     if cfg.task == "generation":
-        return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
-    backbone = AutoModel.from_config(config, dtype=dtype, attn_implementation="sdpa")
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=ATTENTION)
+    backbone = AutoModel.from_config(config, dtype=dtype, attn_implementation=ATTENTION)
     pooling = default_pooling(base.family) if cfg.model.pooling == "auto" else cfg.model.pooling
     return SequenceClassifier(backbone, len(cfg.data.labels), pooling)
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from peftflow.assets import ResolvedModel
+from peftflow.attention import ATTENTION
 from peftflow.config import ModelConfig
 from peftflow.errors import ConfigError
 
@@ -139,7 +140,7 @@ def load_backbone(resolved: ResolvedModel, dtype: str = "float32") -> nn.Module:
         resolved.location,
         revision=resolved.revision,
         dtype=getattr(torch, dtype),
-        attn_implementation="sdpa",
+        attn_implementation=ATTENTION,
         use_safetensors=True,  # never unpickle a .bin checkpoint (see docs/reliability.md)
     )
 
@@ -154,7 +155,7 @@ def random_backbone(resolved: ResolvedModel, dtype: str, seed: int) -> nn.Module
 
     config = AutoConfig.from_pretrained(resolved.location, revision=resolved.revision)
     torch.manual_seed(seed)
-    return AutoModel.from_config(config, dtype=getattr(torch, dtype), attn_implementation="sdpa")
+    return AutoModel.from_config(config, dtype=getattr(torch, dtype), attn_implementation=ATTENTION)
 
 
 def check_model_knobs(model_cfg: ModelConfig, family: str) -> None:

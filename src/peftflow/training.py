@@ -12,6 +12,7 @@ validates (see :mod:`peftflow.distributed`). In one process nothing of that runs
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import resource
@@ -19,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -249,11 +251,34 @@ def evaluate_split(
     return classification_metrics(data.labels, predictions, positive, prefix=prefix), predictions
 
 
+_PROC_STATUS = Path("/proc/self/status")
+_PROC_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start counting this run's peak: CUDA's allocator peak, or the RSS high-water mark.
+
+    A flow process runs many stages (and a study many variants): the process's
+    lifetime peak would charge a run for what ran before it. Linux resets VmHWM
+    when "5" is written to /proc/self/clear_refs; elsewhere the lifetime peak stays.
+    """
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    # Not Linux, or not allowed: peak_memory_mb then reads the lifetime peak.
+    with contextlib.suppress(OSError):
+        _PROC_CLEAR_REFS.write_text("5")
+
+
 def peak_memory_mb(device: torch.device) -> float:
-    """CUDA max allocated on GPU; the process's peak RSS on CPU."""
+    """CUDA max allocated on GPU; on CPU the RSS high-water mark since reset_peak_memory."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    try:
+        status = _PROC_STATUS.read_text()
+        return int(status.split("VmHWM:")[1].split()[0]) / 1024  # "VmHWM:  123 kB"
+    except (OSError, IndexError, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 @dataclass(frozen=True)
@@ -341,6 +366,7 @@ def train_model(
         raise TrainingError("the train split is empty; check data.split fractions and the data")
     set_seed(cfg.seed)
     device, replicas = _place(model, tc)
+    reset_peak_memory(device)
     if replicas or not tc.checkpoint_every_steps:  # data-parallel runs do not checkpoint yet
         checkpoints = None
     optimizer, scheduler = _optimizer_and_schedule(model, objective, cfg, device)
