@@ -200,3 +200,20 @@ def test_causal_lms_wrapped_by_peft_are_estimated(tiny_causal_lms, kind, method)
     estimate = estimate_for_model(model, cfg, runtime_bytes=0.0)
     assert estimate.total_mb > 0
     assert estimate.components["logits"] > 0  # [B, T, vocab]: the generation term
+
+
+@pytest.mark.parametrize("method", ["lora", "last_block"])
+def test_weights_term_matches_what_the_loop_stores_under_autocast(tiny_models, method):
+    """Under bf16 autocast the loop keeps frozen matmul weights in bf16: the estimate too."""
+    from peftflow.estimate import state_bytes
+    from peftflow.training import store_frozen_weights_for_autocast
+
+    cfg = configured(tiny_models["llama"], method, precision="bf16")
+    model, _, _ = build_for_training(cfg)
+    counts = count_params(model)
+    store_frozen_weights_for_autocast(model, torch.device("cpu"), "bf16")
+    stored = sum(
+        p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values()
+    )
+    assert state_bytes(counts, "bf16-autocast")["weights"] == stored
+    assert state_bytes(counts, "fp32")["weights"] == counts.total * 4 > stored

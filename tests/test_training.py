@@ -96,3 +96,40 @@ def test_peak_memory_counts_this_run_not_the_process_lifetime():
     after = peak_memory_mb(cpu)
     assert after < before - 300  # the earlier spike is no longer charged
     assert after > 50  # still the whole process (libraries, interpreter)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "bert"])
+@pytest.mark.parametrize("method", ["lora", "dora", "last_block", "ia3", "bottleneck_adapter"])
+def test_frozen_weights_kept_in_bf16_compute_exactly_what_autocast_computes(
+    tiny_models, kind, method
+):
+    """Storing frozen matmul weights in bf16 once == autocast casting them every forward."""
+    import torch
+
+    from peftflow.model_io import build_for_training
+    from peftflow.training import frozen_matmul_weights, store_frozen_weights_for_autocast
+    from tests.test_methods import tiny_config
+
+    cfg = tiny_config(tiny_models[kind], method)
+    cast, _, _ = build_for_training(cfg)
+    plain, _, _ = build_for_training(cfg)
+    cpu = torch.device("cpu")
+    frozen = len(frozen_matmul_weights(cast))
+    store_frozen_weights_for_autocast(cast, cpu, "bf16")
+    assert frozen > 0 and frozen_matmul_weights(cast) == []
+    ids = torch.randint(5, 200, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[0, 9:] = 0
+    for model in (cast, plain):
+        model.train()
+        torch.manual_seed(0)  # same dropout masks
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model.out = model(ids, mask).float()
+        model.out.sum().backward()
+    assert torch.equal(cast.out, plain.out)
+    for (name, a), b in zip(cast.named_parameters(), plain.parameters(), strict=True):
+        if a.requires_grad:
+            assert torch.equal(a.grad, b.grad), name
+    untouched, _, _ = build_for_training(cfg)
+    store_frozen_weights_for_autocast(untouched, cpu, "fp32")  # no autocast: nothing changes
+    assert all(p.dtype == torch.float32 for p in untouched.parameters())

@@ -5,9 +5,11 @@ read; peft applies every method there too), so parameter counts are exact for th
 model the run will train. From those counts and the architecture's config:
 
     weights       = P   * w                 P: all parameters, w: bytes of model.dtype
+                    - P_fz * (w - 2)        under bf16 autocast the frozen fp32 matmul
+                                            weights P_fz are stored in bf16 once
     gradients     = P_t * w                 P_t: trainable parameters (.grad, same dtype)
     optimizer     = 2 * P_t * w             AdamW exp_avg + exp_avg_sq, the param's dtype
-    autocast      = P_mm * 2                bf16 copies of the matmul weights (P_mm) that
+    autocast      = (P_mm - P_fz) * 2       bf16 copies of the matmul weights (P_mm) that
                                             autocast makes in the forward pass and keeps
                                             for the backward (only float32 weights + bf16)
     activations   = B * T * (L_bw * f_layer + f_embed) * H * a
@@ -48,6 +50,7 @@ from torch import nn
 
 from peftflow.attention import ATTENTION
 from peftflow.config import ExperimentConfig
+from peftflow.training import frozen_matmul_weights
 
 MIB = 2**20
 
@@ -93,6 +96,9 @@ class ParamCounts:
     trainable: int  # P_t
     matmul: int  # P_mm: weights of Linear / Conv1D layers (autocast casts these)
     bytes_per_param: int  # w
+    # P_fz: frozen fp32 matmul weights the loop stores in bf16 under autocast
+    # (training.store_frozen_weights_for_autocast); part of P_mm
+    frozen_matmul: int = 0
 
 
 @dataclass
@@ -159,7 +165,8 @@ def count_params(model: nn.Module) -> ParamCounts:
         if _is_matmul(module) and isinstance(getattr(module, "weight", None), torch.Tensor)
     )
     itemsize = (dtype or torch.float32).itemsize
-    return ParamCounts(total, trainable, matmul, itemsize)
+    frozen = sum(weight.numel() for weight in frozen_matmul_weights(model))
+    return ParamCounts(total, trainable, matmul, itemsize, frozen)
 
 
 def _is_matmul(module: nn.Module) -> bool:
@@ -280,11 +287,13 @@ def activation_bytes(arch: Architecture, precision: str) -> float:
     return 2.0 if precision == "bf16" else 4.0
 
 
-def state_bytes(counts: ParamCounts) -> dict[str, float]:
-    """Weights P*w, gradients P_t*w and AdamW's two moments 2*P_t*w."""
+def state_bytes(counts: ParamCounts, precision: str = "fp32") -> dict[str, float]:
+    """Weights P*w (frozen matmul weights P_fz at 2 bytes under bf16 autocast, as the loop
+    stores them), gradients P_t*w and AdamW's two moments 2*P_t*w."""
     w = counts.bytes_per_param
+    stored_bf16 = counts.frozen_matmul if precision == "bf16-autocast" and w == 4 else 0
     return {
-        "weights": float(counts.total * w),
+        "weights": float(counts.total * w - stored_bf16 * (w - 2)),
         "gradients": float(counts.trainable * w),
         "optimizer (AdamW)": float(2 * counts.trainable * w),
     }
@@ -318,7 +327,9 @@ def activation_components(
     else:  # logits [B, C]
         parts["logits"] = batch * num_labels * 4.0
     autocast_copies = precision == "bf16-autocast" and counts.bytes_per_param == 4
-    parts["autocast weight copies"] = counts.matmul * 2.0 if autocast_copies else 0.0
+    # Copies only of the weights still stored in fp32 (trainable ones): P_mm - P_fz.
+    copied = counts.matmul - counts.frozen_matmul
+    parts["autocast weight copies"] = copied * 2.0 if autocast_copies else 0.0
     return parts
 
 
@@ -358,7 +369,7 @@ def estimate_for_model(
     counts = count_params(model)
     arch = architecture(transformer_config(model))
     precision = precision_mode(cfg, device)
-    components = state_bytes(counts)
+    components = state_bytes(counts, precision)
     components.update(
         activation_components(
             arch,
