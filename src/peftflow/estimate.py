@@ -149,16 +149,10 @@ class MemoryEstimate:
 
 def count_params(model: nn.Module) -> ParamCounts:
     """P, P_t and P_mm of a built model (meta or real); shared tensors counted once."""
-    seen: set[int] = set()
-    total = trainable = 0
-    dtype = None
-    for param in model.parameters():
-        if id(param) in seen:
-            continue
-        seen.add(id(param))
-        total += param.numel()
-        trainable += param.numel() if param.requires_grad else 0
-        dtype = dtype or param.dtype
+    from peftflow.modeling import count_parameters
+
+    trainable, total = count_parameters(model)
+    dtype = next((param.dtype for param in model.parameters()), None)
     matmul = sum(
         module.weight.numel()
         for module in model.modules()
