@@ -31,7 +31,6 @@ import json
 import math
 import os
 import platform
-import resource
 import shlex
 import statistics
 import subprocess
@@ -92,21 +91,29 @@ def synthetic_texts(n: int, seed: int) -> tuple[list[str], list[int]]:
     return texts, [i % 2 for i in range(n)]
 
 
-def load_texts(n: int, seed: int, labels: list[str]) -> tuple[list[str], list[int], str]:
-    """The SpamAssassin table (data/dataset.parquet in the repo root) if present, else synthetic."""
-    table = REPO / "data" / "dataset.parquet"
-    if table.is_file():
-        import pandas as pd
+DEFAULT_TABLE = REPO / "data" / "dataset.parquet"
 
-        frame = pd.read_parquet(table)
-        frame = frame.sample(n=min(n, len(frame)), random_state=seed, replace=len(frame) < n)
-        return (
-            frame["text"].tolist(),
-            [labels.index(label) for label in frame["label"]],
-            f"spamassassin ({table.relative_to(REPO)})",
-        )
-    texts, ids = synthetic_texts(n, seed)
-    return texts, ids, "synthetic (log-normal lengths, median 230 words)"
+
+def load_texts(
+    n: int, seed: int, labels: list[str], data: str = "auto"
+) -> tuple[list[str], list[int], str]:
+    """Texts and label ids: ``data`` is "auto" (the SpamAssassin table, data/dataset.parquet
+    in the repo root, if present, else synthetic), "synthetic", or a parquet table's path."""
+    if data == "synthetic" or (data == "auto" and not DEFAULT_TABLE.is_file()):
+        texts, ids = synthetic_texts(n, seed)
+        return texts, ids, "synthetic (log-normal lengths, median 230 words)"
+    table = DEFAULT_TABLE if data == "auto" else Path(data).resolve()
+    if not table.is_file():
+        raise SystemExit(f"--data {data}: no such table; give a parquet file, auto or synthetic")
+    import pandas as pd
+
+    frame = pd.read_parquet(table)
+    unknown = set(frame["label"]) - set(labels)
+    if unknown:
+        raise SystemExit(f"--data {data}: labels {sorted(unknown)} are not {labels}")
+    frame = frame.sample(n=n, random_state=seed, replace=len(frame) < n)  # n rows, always
+    name = table.relative_to(REPO) if table.is_relative_to(REPO) else table
+    return frame["text"].tolist(), [labels.index(x) for x in frame["label"]], f"table {name}"
 
 
 # --------------------------------------------------------------------------- config
@@ -144,7 +151,9 @@ def encoded_data(cfg, tokenizer, args: argparse.Namespace):
     """The training split, tokenised once with peftflow's ``encode`` (shared by both sides)."""
     from peftflow.training import encode
 
-    texts, labels, source = load_texts(n_examples(args), args.seed, list(cfg.data.labels))
+    texts, labels, source = load_texts(
+        n_examples(args), args.seed, list(cfg.data.labels), args.data
+    )
     return encode(tokenizer, texts, labels, cfg.model.max_length), source
 
 
@@ -159,11 +168,16 @@ def rss_mb() -> float:
 
 
 def peak_memory(device) -> tuple[float, str]:
-    import torch
+    """The peak since training started, read as the training task reads it.
 
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_peak_rss"
+    CUDA: ``max_memory_allocated`` (tensors only). CPU: the process's RSS high-water mark,
+    reset when training starts (``peftflow.training.reset_peak_memory``), so model loading
+    and tokenisation before it are not charged to training.
+    """
+    from peftflow.training import peak_memory_mb
+
+    kind = "cuda_max_allocated" if device.type == "cuda" else "process_peak_rss"
+    return peak_memory_mb(device), kind
 
 
 def flops_per_token(method: str, n_params: int, n_trainable: int) -> float:
@@ -258,10 +272,12 @@ def run_ours(args: argparse.Namespace) -> dict:
     import peftflow  # noqa: F401  (offline switches)
     from peftflow.model_io import build_for_training
     from peftflow.training import classification_objective, train_model
+    from peftflow.training_run import predicted_peak_memory_mb
 
     baseline_rss = rss_mb()
     cfg = make_config(args)
     model, tokenizer, _ = build_for_training(cfg)
+    predicted = predicted_peak_memory_mb(model, cfg)  # what the training task logs
     train, source = encoded_data(cfg, tokenizer, args)
     pad_id = tokenizer.pad_token_id
     val = replace(train, input_ids=train.input_ids[:1], labels=train.labels[:1])
@@ -281,9 +297,7 @@ def run_ours(args: argparse.Namespace) -> dict:
         return {"val_f1": 0.0}
 
     timed = replace(objective, summed_loss=timed_loss, validate=no_validation)
-    if torch.cuda.is_available() and cfg.train.device != "cpu":
-        torch.cuda.reset_peak_memory_stats()
-    train_model(model, timed, cfg, on_epoch=None)
+    train_model(model, timed, cfg, on_epoch=None)  # resets the peak-memory counter itself
     device = next(model.parameters()).device
     if len(calls) != args.warmup + args.steps:
         raise RuntimeError(f"expected {args.warmup + args.steps} micro-batches, ran {len(calls)}")
@@ -299,6 +313,8 @@ def run_ours(args: argparse.Namespace) -> dict:
     )
     result["data_source"] = source
     result["epoch_real_tokens"] = train.n_tokens
+    result["predicted_peak_memory_mb"] = predicted
+    result["predicted_over_measured"] = predicted / result["peak_memory_mb"]
     return result
 
 
@@ -316,6 +332,7 @@ def run_trainer(args: argparse.Namespace) -> dict:
     import peftflow  # noqa: F401  (offline switches)
     from peftflow.assets import resolve_model
     from peftflow.modeling import load_tokenizer
+    from peftflow.training import reset_peak_memory
 
     baseline_rss = rss_mb()
     cfg = make_config(args)
@@ -343,6 +360,9 @@ def run_trainer(args: argparse.Namespace) -> dict:
     marks: list[float] = []
 
     class StepClock(TrainerCallback):
+        def on_train_begin(self, targs, state, control, **kwargs):
+            reset_peak_memory(targs.device)  # as our loop does when training starts
+
         def on_step_end(self, targs, state, control, **kwargs):
             if torch.cuda.is_available() and not targs.use_cpu:
                 torch.cuda.synchronize()
@@ -368,8 +388,6 @@ def run_trainer(args: argparse.Namespace) -> dict:
             data_collator=counting_collator,
             callbacks=[StepClock()],
         )
-        if torch.cuda.is_available() and not targs.use_cpu:
-            torch.cuda.reset_peak_memory_stats()
         trainer.train()
     device = next(model.parameters()).device
     if len(marks) != args.warmup + args.steps:
@@ -482,6 +500,9 @@ def summarise(runs: list[dict]) -> dict:
         summary[side]["padded_tokens_per_run"] = mine[0]["padded_tokens"]
         summary[side]["params_trainable"] = mine[0]["params_trainable"]
         summary[side]["params_total"] = mine[0]["params_total"]
+        if "predicted_peak_memory_mb" in mine[0]:  # ours: the estimator against the measure
+            for key in ("predicted_peak_memory_mb", "predicted_over_measured"):
+                summary[side][key] = statistics.median(r[key] for r in mine)
     if "ours" in summary and "trainer" in summary:
         summary["speedup_tokens_per_s"] = (
             summary["ours"]["tokens_per_s"] / summary["trainer"]["tokens_per_s"]
@@ -535,6 +556,17 @@ def markdown(report: dict) -> str:
             else ""
         )
         + ".",
+    ]
+    if "predicted_peak_memory_mb" in s.get("ours", {}):
+        o = s["ours"]
+        lines += [
+            "",
+            f"Memory estimator (`peftflow estimate`'s model, as the training task logs it): "
+            f"predicted {o['predicted_peak_memory_mb']:.0f} MiB for our loop, measured "
+            f"{o['peak_memory_mb']:.0f} MiB; predicted / measured "
+            f"**{o['predicted_over_measured']:.2f}** (median of the repeats).",
+        ]
+    lines += [
         "",
         "Per run:",
         "",
@@ -566,6 +598,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--precision", default="bf16", choices=["auto", "fp32", "bf16"])
     parser.add_argument(
         "--baseline-bf16", action="store_true", help="give the Trainer bf16=True (default: fp32)"
+    )
+    parser.add_argument(
+        "--data",
+        default="auto",
+        help="auto (data/dataset.parquet if ingested, else synthetic), synthetic, or a "
+        "parquet table with text and label columns",
     )
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--seed", type=int, default=42)

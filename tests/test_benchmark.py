@@ -49,6 +49,8 @@ def test_harness_times_both_sides_on_the_same_work(tiny_models, tmp_path):
         "--device",
         "cpu",
         "--in-process",
+        "--data",
+        "synthetic",
         "--out",
         str(tmp_path),
     ]
@@ -56,7 +58,7 @@ def test_harness_times_both_sides_on_the_same_work(tiny_models, tmp_path):
     written = json.loads((tmp_path / "llama-lora-b4-t32.json").read_text())
     assert written["summary"] == report["summary"]
     assert (tmp_path / "llama-lora-b4-t32.md").read_text().startswith("# Training throughput")
-    assert written["data_source"].startswith("synthetic")  # no data/dataset.parquet here
+    assert written["data_source"].startswith("synthetic")
     assert written["machine"]["cores"] and written["machine"]["torch"]
     assert written["command"].startswith("python benchmarks/train_throughput.py --model")
     ours, trainer = (next(r for r in written["runs"] if r["side"] == s) for s in bench.SIDES)
@@ -70,6 +72,11 @@ def test_harness_times_both_sides_on_the_same_work(tiny_models, tmp_path):
     # (ours has a bias, LlamaForSequenceClassification's score layer has none).
     assert ours["epoch_real_tokens"] == trainer["epoch_real_tokens"]
     assert ours["params_trainable"] - trainer["params_trainable"] == 2
+    # Our side records the estimator's prediction next to its measured peak.
+    assert ours["predicted_peak_memory_mb"] > 0 and "predicted_peak_memory_mb" not in trainer
+    ratio = ours["predicted_peak_memory_mb"] / ours["peak_memory_mb"]
+    assert ours["predicted_over_measured"] == pytest.approx(ratio)
+    assert "Memory estimator" in (tmp_path / "llama-lora-b4-t32.md").read_text()
     speedup = written["summary"]["speedup_tokens_per_s"]
     assert speedup == pytest.approx(ours["tokens_per_s"] / trainer["tokens_per_s"])
 
@@ -86,3 +93,19 @@ def test_synthetic_lengths_look_like_emails():
     assert 150 < words[200] < 320  # median near 230 words
     assert sum(w > 150 for w in words) > 0.6 * len(words)  # most exceed 192 tokens
     assert set(labels) == {0, 1}
+
+
+def test_data_table_is_sampled_with_its_labels_and_bad_tables_are_refused(tmp_path):
+    import pandas as pd
+
+    table = tmp_path / "emails.parquet"
+    pd.DataFrame({"text": ["hello there", "win money now"], "label": ["ham", "spam"]}).to_parquet(
+        table
+    )
+    texts, ids, source = bench.load_texts(4, 0, ["ham", "spam"], str(table))
+    assert len(texts) == 4 and source == f"table {table}"
+    assert all(ids[i] == ["hello there", "win money now"].index(t) for i, t in enumerate(texts))
+    with pytest.raises(SystemExit, match="labels \\['spam'\\] are not \\['ham', 'other'\\]"):
+        bench.load_texts(2, 0, ["ham", "other"], str(table))
+    with pytest.raises(SystemExit, match="no such table"):
+        bench.load_texts(2, 0, ["ham", "spam"], str(tmp_path / "missing.parquet"))
