@@ -22,7 +22,12 @@ $(BIN)/peftflow: $(UV) uv.lock pyproject.toml
 	$(UV) sync --frozen --extra dev --python $(PYTHON)
 	@touch $@
 
-setup: $(BIN)/peftflow
+# tcmalloc for CPU training (src/peftflow/allocator.py); best effort, checked once per venv.
+$(VENV)/.tcmalloc-checked: $(BIN)/peftflow infra/fetch_tcmalloc.sh
+	@bash infra/fetch_tcmalloc.sh $(VENV)/lib
+	@touch $@
+
+setup: $(BIN)/peftflow $(VENV)/.tcmalloc-checked
 
 demo: setup
 	$(BIN)/peftflow demo

@@ -464,6 +464,8 @@ def machine_info(device_request: str) -> dict:
     import torch
     import transformers
 
+    from peftflow.allocator import loaded_allocator
+
     cpu = "unknown"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -482,6 +484,7 @@ def machine_info(device_request: str) -> dict:
         "transformers": transformers.__version__,
         "peft": peft.__version__,
         "gpu": torch.cuda.get_device_name(0) if cuda else None,
+        "allocator": loaded_allocator(),
     }
 
 
@@ -520,7 +523,7 @@ def markdown(report: dict) -> str:
         f"- command: `{report['command']}`",
         f"- machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), "
         f"GPU: {m['gpu'] or 'none'}; torch {m['torch']}, transformers {m['transformers']}, "
-        f"peft {m['peft']}",
+        f"peft {m['peft']}; C allocator: {m.get('allocator', 'glibc')}",
         f"- load average (1 min) before/after each run: {report['load_average_range']}"
         + (" (taken under load from other processes)" if report["under_load"] else ""),
         f"- data: {report['data_source']}; {a['steps']} timed steps after {a['warmup']} "
@@ -674,4 +677,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(REPO / "src"))
+    from peftflow.allocator import reexec_under_tcmalloc
+
+    reexec_under_tcmalloc()  # as the peftflow command does; both sides inherit the allocator
     main()

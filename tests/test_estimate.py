@@ -15,6 +15,7 @@ import torch
 from typer.testing import CliRunner
 
 from peftflow.cli import app
+from peftflow.allocator import loaded_allocator
 from peftflow.estimate import (
     SavedTensorMeter,
     count_params,
@@ -162,12 +163,15 @@ class RecordingTracker:
 
     def __init__(self):
         self.metrics: dict[str, float] = {}
+        self.tags: dict[str, str] = {}
 
     def log_metrics(self, metrics, step=None):
         if step is None:
             self.metrics.update(metrics)
 
-    def set_tags(self, tags): ...
+    def set_tags(self, tags):
+        self.tags.update(tags)
+
     def log_params(self, params): ...
     def log_dict(self, obj, file): ...
     def log_artifact(self, path, artifact_path=None): ...
@@ -187,6 +191,7 @@ def test_run_training_logs_predicted_next_to_measured(tiny_models, tmp_path):
     # CPU: both are whole-process figures; a 2-layer model is all runtime, so they are close.
     assert 0.5 < predicted / measured <= 1.5
     assert "predicted_peak_memory_mb" not in result["metrics"]  # varies between processes
+    assert tracker.tags["peftflow.allocator"] == loaded_allocator()  # what shapes the RSS peak
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])

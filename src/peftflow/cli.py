@@ -557,5 +557,17 @@ def ui(
         raise typer.Exit(code=code)
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The ``peftflow`` console script: under tcmalloc when found (see peftflow.allocator)."""
+    from peftflow.allocator import reexec_under_tcmalloc
+
+    try:
+        reexec_under_tcmalloc()
+    except PeftflowError as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise SystemExit(2) from None
     app()
+
+
+if __name__ == "__main__":
+    entry()

@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from peftflow.allocator import loaded_allocator
 from peftflow.causal_lm import (
     generate_texts,
     generation_batch,
@@ -199,7 +200,8 @@ def run_generation_training(
     pad_id = tokenizer.pad_token_id
     objective = generation_objective(encoded["train"], encoded["val"], cfg, pad_id)
     outcome = train_model(model, objective, cfg, epoch_logger(tracker), checkpoints)
-    tracker.set_tags({"peftflow.device": outcome.device})
+    # The C allocator decides how far a CPU run's RSS (peak_memory_mb) exceeds live memory.
+    tracker.set_tags({"peftflow.device": outcome.device, "peftflow.allocator": loaded_allocator()})
     frames = generated_frames(splits)
     final, predictions = score_generation(model, tokenizer, encoded, frames, cfg)
     final.update(teacher_forced_metrics(model, encoded, cfg, pad_id))

@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from peftflow.allocator import loaded_allocator
 from peftflow.checkpoint import Checkpoints
 from peftflow.config import ExperimentConfig
 from peftflow.errors import RegistryError
@@ -65,7 +66,8 @@ def run_training(
     outcome = train_classifier(
         model, encoded["train"], encoded["val"], cfg, pad_id, log_epoch, checkpoints
     )
-    tracker.set_tags({"peftflow.device": outcome.device})
+    # The C allocator decides how far a CPU run's RSS (peak_memory_mb) exceeds live memory.
+    tracker.set_tags({"peftflow.device": outcome.device, "peftflow.allocator": loaded_allocator()})
     final = _final_metrics(model, encoded, cfg, pad_id, out_dir, tracker)
     final.update(outcome_metrics(trainable, total, outcome))
     tracker.log_metrics(final)
