@@ -73,7 +73,11 @@ deploy: setup
 	PREFECT_API_URL=$${PREFECT_API_URL:-http://127.0.0.1:$(PREFECT_PORT)/api} \
 		$(BIN)/prefect deploy --all --no-prompt
 
-# A process worker for POOL; its flow runs start in this checkout (prefect.yaml pull step).
+# A process worker for POOL; its flow runs start in this checkout (prefect.yaml pull step),
+# under tcmalloc when setup found it (flow runs are not started by the peftflow command).
+TCMALLOC_LIB := $(VENV)/lib/libtcmalloc_minimal.so.4
 worker: setup
+	env $$(test -f $(TCMALLOC_LIB) && echo LD_PRELOAD=$(CURDIR)/$(TCMALLOC_LIB) \
+		TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD=1099511627776) \
 	PREFECT_API_URL=$${PREFECT_API_URL:-http://127.0.0.1:$(PREFECT_PORT)/api} PEFTFLOW_ROOT=$(CURDIR) \
 		$(BIN)/prefect worker start --pool $(POOL) --type process --limit $(WORKER_LIMIT)

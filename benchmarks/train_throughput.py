@@ -127,7 +127,11 @@ def make_config(args: argparse.Namespace):
         {
             "name": "throughput",
             "seed": args.seed,
-            "model": {"name": args.model, "max_length": args.max_length},
+            "model": {
+                "name": args.model,
+                "max_length": args.max_length,
+                "pretrained": not args.random_init,
+            },
             "method": {"name": args.method},
             "train": {
                 "epochs": 1,
@@ -322,7 +326,6 @@ def run_trainer(args: argparse.Namespace) -> dict:
     """Stock Trainer + peft, default settings except what must match; warmup untimed."""
     import torch
     from transformers import (
-        AutoModelForSequenceClassification,
         DataCollatorWithPadding,
         Trainer,
         TrainerCallback,
@@ -339,9 +342,7 @@ def run_trainer(args: argparse.Namespace) -> dict:
     base = resolve_model(cfg.model.name, cfg.model.revision)
     tokenizer = load_tokenizer(base, cfg.model.padding_side)
     train, source = encoded_data(cfg, tokenizer, args)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        base.location, num_labels=len(cfg.data.labels), dtype=torch.float32
-    )
+    model = _stock_model(base.location, len(cfg.data.labels), args)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model = _baseline_method(model, cfg)
@@ -409,6 +410,20 @@ def run_trainer(args: argparse.Namespace) -> dict:
     result["data_source"] = source
     result["epoch_real_tokens"] = train.n_tokens
     return result
+
+
+def _stock_model(location: str, num_labels: int, args: argparse.Namespace):
+    """AutoModelForSequenceClassification in float32: the checkpoint, or random from its config."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    if not args.random_init:
+        return AutoModelForSequenceClassification.from_pretrained(
+            location, num_labels=num_labels, dtype=torch.float32
+        )
+    torch.manual_seed(args.seed)
+    config = AutoConfig.from_pretrained(location, num_labels=num_labels)
+    return AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
 
 
 def _baseline_method(model, cfg):
@@ -607,6 +622,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="auto",
         help="auto (data/dataset.parquet if ingested, else synthetic), synthetic, or a "
         "parquet table with text and label columns",
+    )
+    parser.add_argument(
+        "--random-init",
+        action="store_true",
+        help="random weights from the model's config (a folder needs only config + tokenizer): "
+        "the same speed and memory, for machines the weights cannot be copied to",
     )
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--seed", type=int, default=42)

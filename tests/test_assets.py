@@ -104,3 +104,26 @@ def test_smollm2_package_converts_once_and_trains_as_a_classifier(tmp_path, monk
         predict_logits(reloaded.model, data, 8, pad, "right"),
         atol=1e-4,
     )
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_an_architecture_only_folder_trains_from_random_weights_only(tiny_models, tmp_path, kind):
+    """config.json + tokenizer, no weights: fingerprinted by its config; pretrained refused."""
+    folder = tmp_path / "architecture"
+    folder.mkdir()
+    for item in tiny_models[kind].iterdir():
+        if item.is_file() and item.suffix != ".safetensors":
+            shutil.copy(item, folder / item.name)
+    resolved = resolve_model(str(folder))
+    assert resolved.fingerprint.startswith("config-") and len(resolved.fingerprint) == 23
+    with pytest.raises(ConfigError, match="holds no .safetensors weights: add them, or set model"):
+        build_for_training(tiny_config(folder, "lora"))
+    cfg = tiny_config(folder, "lora")
+    random_cfg = cfg.model_copy(
+        update={"model": cfg.model.model_copy(update={"pretrained": False})}
+    )
+    model, _, _ = build_for_training(random_cfg)
+    assert sum(p.requires_grad for p in model.parameters()) > 0
+    (folder / "config.json").unlink()
+    with pytest.raises(ConfigError, match="has no config.json"):
+        resolve_model(str(folder))

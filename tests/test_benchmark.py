@@ -109,3 +109,38 @@ def test_data_table_is_sampled_with_its_labels_and_bad_tables_are_refused(tmp_pa
         bench.load_texts(2, 0, ["ham", "other"], str(table))
     with pytest.raises(SystemExit, match="no such table"):
         bench.load_texts(2, 0, ["ham", "spam"], str(tmp_path / "missing.parquet"))
+
+
+@pytest.mark.slow
+def test_random_init_needs_only_config_and_tokenizer(tiny_models, tmp_path):
+    """--random-init: a folder without weights trains on both sides (weights too big to copy)."""
+    import shutil
+
+    skeleton = tmp_path / "skeleton"
+    skeleton.mkdir()
+    for item in tiny_models["llama"].iterdir():
+        if item.is_file() and not item.name.endswith((".safetensors", ".bin")):
+            shutil.copy(item, skeleton / item.name)
+    argv = ["--model", str(skeleton), "--method", "full", "--batch-size", "2", "--max-length"]
+    argv += ["16", "--steps", "1", "--warmup", "1", "--repeats", "1", "--device", "cpu"]
+    argv += ["--data", "synthetic", "--in-process", "--random-init", "--out", str(tmp_path)]
+    report = bench.main(argv)
+    ours, trainer = (report["summary"][side] for side in bench.SIDES)
+    assert report["settings"]["random_init"] is True
+    assert ours["tokens_per_s"] > 0 and trainer["tokens_per_s"] > 0
+    assert ours["params_total"] - trainer["params_total"] == 2  # our head has a bias
+
+
+def test_memory_steps_reports_each_step_against_the_prediction(tiny_models, tmp_path):
+    from benchmarks import memory_steps
+
+    out = tmp_path / "steps.json"
+    argv = ["--model", str(tiny_models["bert"]), "--method", "lora", "--batch-size", "4"]
+    rows = memory_steps.main([*argv, "--max-length", "32", "--steps", "2", "--json", str(out)])
+    assert [row["step"] for row in rows] == [0, 1]
+    for row in rows:
+        assert row["peak_rss_mb"] >= row["rss_mb"] * 0.99 and row["seconds"] > 0
+        assert row["saved_activations_mb"] > 0  # autograd saved the batch's activations
+    written = json.loads(out.read_text())
+    assert written["predicted_mb"] > 0 and written["allocator"] in ("tcmalloc", "jemalloc", "glibc")
+    assert written["steps"] == rows

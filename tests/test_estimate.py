@@ -14,8 +14,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from peftflow.cli import app
 from peftflow.allocator import loaded_allocator
+from peftflow.cli import app
 from peftflow.estimate import (
     SavedTensorMeter,
     count_params,

@@ -77,11 +77,19 @@ class ResolvedModel:
     source: Literal["package", "local", "hub"]
     family: Family
     revision: str | None
-    fingerprint: str  # sha256 of weight files (local) or "hub:<id>@<revision>"
+    fingerprint: str  # sha256 of weight files (local), "config-<sha>" or "hub:<id>@<revision>"
     package_version: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def require_weights(self) -> None:
+        """Refuse to load pretrained weights from a folder that holds only an architecture."""
+        if self.fingerprint.startswith(ARCHITECTURE_ONLY):
+            raise ConfigError(
+                f"model folder {self.location} holds no .safetensors weights: add them, or set "
+                "model.pretrained: false to train this architecture from random weights"
+            )
 
     def pinned_revision(self) -> str:
         """What pins these exact weights: the hub revision, the package pin, or the file hash."""
@@ -161,22 +169,33 @@ def _family_of_folder(folder: Path) -> Family:
     return "decoder" if model_type in DECODER_MODEL_TYPES else "encoder"
 
 
+ARCHITECTURE_ONLY = "config-"
+
+
 def fingerprint(folder: Path) -> str:
-    """sha256 over the folder's weight files (name + bytes), 16 hex chars."""
+    """sha256 over the folder's weight files (name + bytes), 16 hex chars.
+
+    A folder with a config.json and no weights at all (an architecture to train from
+    random weights, ``model.pretrained: false``) is fingerprinted by that config,
+    prefixed ``config-``; a folder with only pickled weights is refused unread.
+    """
     digest = hashlib.sha256()
     weight_files = sorted(
         p for p in Path(folder).iterdir() if p.suffix in (".safetensors", ".gguf")
     )
-    if not weight_files:
-        pickled = sorted(p.name for p in Path(folder).iterdir() if p.suffix in (".bin", ".pt"))
-        hint = (
-            f"; it has pickled weights ({', '.join(pickled)}), which peftflow never loads "
-            "(unpickling runs code): convert them once with `model.save_pretrained(folder)` "
-            "(safetensors by default) in a trusted environment"
-            if pickled
-            else ""
+    pickled = sorted(p.name for p in Path(folder).iterdir() if p.suffix in (".bin", ".pt"))
+    if not weight_files and pickled:
+        raise ConfigError(
+            f"model folder {folder} holds no .safetensors weights; it has pickled weights "
+            f"({', '.join(pickled)}), which peftflow never loads (unpickling runs code): "
+            "convert them once with `model.save_pretrained(folder)` (safetensors by default) "
+            "in a trusted environment"
         )
-        raise ConfigError(f"model folder {folder} holds no .safetensors weights{hint}")
+    if not weight_files:
+        config = Path(folder) / "config.json"
+        if not config.is_file():
+            raise ConfigError(f"model folder {folder} holds no .safetensors weights")
+        return ARCHITECTURE_ONLY + hashlib.sha256(config.read_bytes()).hexdigest()[:16]
     for path in weight_files:
         digest.update(path.name.encode())
         with path.open("rb") as handle:

@@ -71,6 +71,7 @@ def build_causal_lm(resolved: ResolvedModel, model_cfg: ModelConfig, seed: int =
     check_generation_knobs(model_cfg, resolved)
     dtype = getattr(torch, model_cfg.dtype)
     if model_cfg.pretrained:
+        resolved.require_weights()
         model = AutoModelForCausalLM.from_pretrained(
             resolved.location,
             revision=resolved.revision,

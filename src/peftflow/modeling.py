@@ -136,6 +136,7 @@ def load_backbone(resolved: ResolvedModel, dtype: str = "float32") -> nn.Module:
     """The bare transformer (no LM/classification head), with SDPA attention."""
     from transformers import AutoModel
 
+    resolved.require_weights()
     return AutoModel.from_pretrained(
         resolved.location,
         revision=resolved.revision,
