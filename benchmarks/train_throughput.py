@@ -142,6 +142,7 @@ def make_config(args: argparse.Namespace):
                 "progress": False,
                 "checkpoint_every_steps": 0,
                 "restore_best_epoch": False,
+                "compile": args.compile,
             },
         }
     )
@@ -542,8 +543,12 @@ def markdown(report: dict) -> str:
         f"- load average (1 min) before/after each run: {report['load_average_range']}"
         + (" (taken under load from other processes)" if report["under_load"] else ""),
         f"- data: {report['data_source']}; {a['steps']} timed steps after {a['warmup']} "
-        f"warm-up steps, median of {a['repeats']} repeats, each run in its own process",
-        f"- precision: ours `train.precision={a['precision']}`; baseline "
+        f"warm-up steps, median of {a['repeats']} repeats, "
+        + ("all runs in one process" if a.get("in_process") else "each run in its own process")
+        + ("; random weights from the config" if a.get("random_init") else ""),
+        f"- precision: ours `train.precision={a['precision']}`"
+        + (", `train.compile=true`" if a.get("compile") else "")
+        + "; baseline "
         f"{'bf16=True' if a['baseline_bf16'] else 'TrainingArguments default (fp32)'}",
         "",
         "| side | real tokens/s | padded tokens/s | examples/s | mean step (s) "
@@ -629,6 +634,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="random weights from the model's config (a folder needs only config + tokenizer): "
         "the same speed and memory, for machines the weights cannot be copied to",
     )
+    parser.add_argument(
+        "--compile", action="store_true", help="ours with train.compile (torch.compile)"
+    )
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--peak-tflops", type=float, default=None, help="for MFU on a GPU")
@@ -647,12 +655,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _one_run(side: str, args: argparse.Namespace, argv: list[str]) -> dict:
     if args.in_process:
-        return RUNNERS[side](args)
+        result = RUNNERS[side](args)
+        _release_memory()  # the next run's peak must not include this run's leftovers
+        return result
     cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--worker", side]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     if proc.returncode != 0:
         raise RuntimeError(f"{side} run failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _release_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -133,3 +133,51 @@ def test_frozen_weights_kept_in_bf16_compute_exactly_what_autocast_computes(
     untouched, _, _ = build_for_training(cfg)
     store_frozen_weights_for_autocast(untouched, cpu, "fp32")  # no autocast: nothing changes
     assert all(p.dtype == torch.float32 for p in untouched.parameters())
+
+
+@pytest.mark.slow
+def test_compiled_forward_computes_what_eager_does_and_trains(tiny_models):
+    """train.compile: the compiled forward/backward equals eager (no dropout: compiled
+    dropout draws other random numbers, one reason a compiled run has its own key);
+    a compiled run trains and its parameters keep their names."""
+    import torch._dynamo
+
+    from peftflow.training import compiled_for_training
+
+    torch._dynamo.reset()
+    cfg = tiny_config(tiny_models["llama"], "lora")
+    model, _, _ = build_for_training(cfg)
+    compiled = compiled_for_training(model, True)
+    assert compiled_for_training(model, False) is model
+    ids = torch.randint(5, 200, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[0, 9:] = 0
+    model.eval()  # dropout off: the same function on both paths
+    grads = []
+    for forward in (model, compiled):
+        model.zero_grad()
+        out = forward(ids, mask)
+        out.float().square().sum().backward()
+        grads.append(
+            (out.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad])
+        )
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-4, atol=1e-5)
+    for eager_grad, compiled_grad in zip(grads[0][1], grads[1][1], strict=True):
+        torch.testing.assert_close(eager_grad, compiled_grad, rtol=1e-3, atol=1e-5)
+    outcome, trained = train_once(tiny_models["llama"], epochs=1, compile=True)
+    assert torch.isfinite(torch.tensor(outcome.history[0]["train_loss"]))
+    _, eager_model = train_once(tiny_models["llama"], epochs=1)
+    assert trained.state_dict().keys() == eager_model.state_dict().keys()
+
+
+def test_compile_keys_a_run_only_when_on():
+    """Configs written before train.compile existed keep their hash; compiled runs differ."""
+    from peftflow.config import parse_config
+
+    plain = parse_config({"name": "x"})
+    compiled = parse_config({"name": "x", "train": {"compile": True}})
+    assert plain.train.compile is False
+    assert parse_config({"name": "x", "train": {"compile": False}}).config_hash() == (
+        plain.config_hash()
+    )
+    assert compiled.config_hash() != plain.config_hash()

@@ -198,6 +198,10 @@ class TrainConfig(_Frozen):
     # 0: this run neither writes nor reads checkpoints. How a run is made safe, not what
     # it computes: left out of the config hash (see RUN_KEY_EXCLUDED).
     checkpoint_every_steps: int = Field(100, ge=0)
+    # torch.compile the training forward pass (inductor, dynamic shapes). The first steps
+    # compile (seconds on a GPU, a minute or more on a CPU); numerics may differ from eager
+    # in the last bits, so a compiled run has its own run key (see RUN_KEY_OMITTED_AT_DEFAULT).
+    compile: bool = False
 
 
 class GenerationConfig(_Frozen):
@@ -328,6 +332,10 @@ class ExperimentConfig(_Frozen):
         out, never its result, so a resumed run keeps its key.
         """
         fields = self.model_dump(mode="json", exclude=RUN_KEY_EXCLUDED)
+        for section, defaults in RUN_KEY_OMITTED_AT_DEFAULT.items():
+            for name, default in defaults.items():
+                if fields[section][name] == default:
+                    del fields[section][name]
         canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
@@ -344,6 +352,9 @@ class ExperimentConfig(_Frozen):
 # key): a checkpointed run resumes whatever its checkpoint cadence, and hashes of configs
 # written before the field existed stay valid. (progress/threads predate this and stay in.)
 RUN_KEY_EXCLUDED: dict[str, set[str]] = {"train": {"checkpoint_every_steps"}}
+# Fields added after runs were keyed that can change a result: hashed only when set away
+# from their default, so every config written before them keeps its key.
+RUN_KEY_OMITTED_AT_DEFAULT: dict[str, dict[str, Any]] = {"train": {"compile": False}}
 
 # Task "generation" defaults, applied under whatever the config sets itself.
 GENERATION_DEFAULTS: dict[str, dict[str, Any]] = {

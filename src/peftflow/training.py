@@ -411,6 +411,7 @@ def train_model(
     if replicas or not tc.checkpoint_every_steps:  # data-parallel runs do not checkpoint yet
         checkpoints = None
     optimizer, scheduler = _optimizer_and_schedule(model, objective, cfg, device)
+    forward = compiled_for_training(model, tc.compile)
     progress = _resume(checkpoints, model, optimizer, scheduler, _layout(objective, tc))
     outcome = TrainOutcome(device=str(device), processes=replicas.size if replicas else 1)
     started = time.perf_counter()
@@ -422,7 +423,9 @@ def train_model(
     save = save_checkpoint if checkpoints else None
     try:
         while progress.epoch <= tc.epochs:
-            loss = _run_epoch(model, objective, cfg, optimizer, scheduler, replicas, progress, save)
+            loss = _run_epoch(
+                model, objective, cfg, optimizer, scheduler, replicas, progress, save, forward
+            )
             _end_epoch(model, objective, tc, replicas, progress, on_epoch, loss)
             if save:
                 save()
@@ -512,6 +515,20 @@ def _validate(model: nn.Module, objective: Objective, replicas: Replicas | None)
     return replicas.broadcast(objective.validate(model) if replicas.is_main else None)
 
 
+def compiled_for_training(model: nn.Module, compile_model: bool) -> nn.Module:
+    """What training forward passes run through: ``model``, or ``torch.compile`` of it.
+
+    Only the training forward uses the compiled wrapper; the optimizer, validation,
+    checkpoints and saving keep ``model`` (the wrapper shares its parameters, so state
+    dict keys never gain ``_orig_mod.``). ``dynamic=True`` because batches padded to
+    their own longest change width from step to step: one graph with a symbolic
+    length instead of a recompile per width.
+    """
+    if not compile_model:
+        return model
+    return torch.compile(model, dynamic=True)
+
+
 def _run_epoch(
     model,
     objective: Objective,
@@ -521,8 +538,12 @@ def _run_epoch(
     replicas,
     progress: Progress,
     save: Callable[[], None] | None = None,
+    forward: nn.Module | None = None,
 ) -> float:
     """The rest of epoch ``progress.epoch`` (all of it unless resumed mid-epoch); its mean loss.
+
+    ``forward``: what the training forward passes run through (``model`` compiled, see
+    :func:`compiled_for_training`); ``model`` itself when None.
 
     Raises :class:`NonFiniteError` at the first step whose loss or gradient norm is not
     finite, before the optimizer applies it. ``save`` writes a checkpoint every
@@ -545,7 +566,7 @@ def _run_epoch(
     desc, quiet = f"epoch {epoch}/{tc.epochs}", not tc.progress
     bar = tqdm(total=len(steps), initial=progress.step, desc=desc, disable=quiet, leave=False)
     for step in range(progress.step + 1, len(steps) + 1):  # a resumed epoch skips done steps
-        loss = _train_step(model, objective, cfg, steps[step - 1], trainable, replicas)
+        loss = _train_step(model, forward, objective, cfg, steps[step - 1], trainable, replicas)
         check = partial(guard.check, loss, step)  # before optimizer.step(): see FiniteGuard
         _optimizer_step(trainable, optimizer, scheduler, tc.max_grad_norm, after_step, check)
         progress.losses.append(loss)
@@ -562,10 +583,11 @@ def _run_epoch(
     return torch.stack(progress.losses).mean().item()
 
 
-def _train_step(model, objective, cfg, micro_batches, trainable, replicas) -> torch.Tensor:
+def _train_step(model, forward, objective, cfg, micro_batches, trainable, replicas) -> torch.Tensor:
     """Gradients of one optimizer step (summed over replicas); the step's loss, a [] tensor."""
     device = trainable[0].device
-    loss = _accumulate_gradients(model, objective, micro_batches, device, replicas)
+    module = model if forward is None else forward  # (a compiled module has no truth value)
+    loss = _accumulate_gradients(module, objective, micro_batches, device, replicas)
     if replicas:
         loss = replicas.all_reduce_gradients(trainable, loss)
     method = METHODS[cfg.method.name]
