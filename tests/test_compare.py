@@ -498,6 +498,12 @@ def stop_session(process: subprocess.Popen, timeout: float) -> bool:
     return False
 
 
+def live_ctrl_c() -> None:
+    """In the child, before exec: SIGINT handled by default and not blocked."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 @pytest.mark.server
 def test_peftflow_ui_serves_the_store_and_stops_on_ctrl_c(empty_store, tmp_path):
     import shutil
@@ -514,6 +520,9 @@ def test_peftflow_ui_serves_the_store_and_stops_on_ctrl_c(empty_store, tmp_path)
             stderr=subprocess.STDOUT,
             start_new_session=True,
             env=env,
+            # Ctrl-C live as in a terminal, whatever SIGINT disposition or mask the suite's
+            # process passes on (both survive exec: an ignored or blocked SIGINT would stay so).
+            preexec_fn=live_ctrl_c,
         )
     try:
         wait_healthy(f"http://127.0.0.1:{port}/health", process, log, timeout=90)
