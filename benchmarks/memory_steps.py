@@ -23,11 +23,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def rss_mb() -> float:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * 4096 / 2**20
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="minilm", help="alias, hub id or local folder")
@@ -85,6 +80,7 @@ def one_step(model, optimizer, args: argparse.Namespace, labels: int) -> tuple[f
 def main(argv: list[str] | None = None) -> list[dict]:
     import torch
 
+    from benchmarks.train_throughput import rss_mb
     from peftflow.allocator import loaded_allocator
     from peftflow.training import peak_memory_mb, reset_peak_memory
 
@@ -113,7 +109,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(REPO / "src"))
+    sys.path[:0] = [str(REPO / "src"), str(REPO)]
     from peftflow.allocator import reexec_under_tcmalloc
 
     reexec_under_tcmalloc()
