@@ -26,10 +26,12 @@ for item in source.iterdir():
         shutil.copy(item, target / item.name)
 print("model skeleton:", sorted(p.name for p in target.iterdir()))
 PY
-# transformers/peft/huggingface-hub/tokenizers as locked, and what they and peftflow.config
-# need that the image (KINDS.md's package list) lacks.
+# transformers/peft/huggingface-hub/tokenizers as locked, what they and peftflow.config need
+# that the image (KINDS.md's package list) lacks, and the packages whose minimum versions
+# (METADATA) are above what an older image may hold: typing-extensions (pydantic needs
+# >=4.16), regex (transformers needs >=2025.10.22), click (huggingface-hub needs >=8.4.2).
 PACKAGES="transformers peft huggingface-hub tokenizers httpx2 httpcore2 truststore pydantic
-pydantic-core annotated-types typing-inspection"
+pydantic-core annotated-types typing-inspection typing-extensions regex click"
 for name in $PACKAGES; do
   version=$(awk -v n="$name" '$0 == "name = \"" n "\"" {getline; split($0, v, "\""); print v[2]; exit}' uv.lock)
   [[ -n $version ]] || { echo "no locked version of $name in uv.lock" >&2; exit 1; }
