@@ -144,3 +144,20 @@ def test_memory_steps_reports_each_step_against_the_prediction(tiny_models, tmp_
     written = json.loads(out.read_text())
     assert written["predicted_mb"] > 0 and written["allocator"] in ("tcmalloc", "jemalloc", "glibc")
     assert written["steps"] == rows
+
+
+def test_gpu_scripts_parse_and_their_wheels_are_locked():
+    """benchmarks/gpu/: valid bash, and every wheel prepare.sh stages has a version in uv.lock."""
+    import re
+    import subprocess
+    from pathlib import Path
+
+    gpu = Path(bench.REPO, "benchmarks", "gpu")
+    for script in ("prepare.sh", "run_h200.sh"):
+        checked = subprocess.run(["bash", "-n", str(gpu / script)], capture_output=True, text=True)
+        assert checked.returncode == 0, checked.stderr
+    packages = re.search(r'PACKAGES="([^"]+)"', (gpu / "prepare.sh").read_text()).group(1).split()
+    lock = Path(bench.REPO, "uv.lock").read_text()
+    assert "transformers" in packages and "pydantic" in packages
+    for name in packages:
+        assert re.search(rf'^name = "{name}"\nversion = "[^"]+"', lock, re.M), name

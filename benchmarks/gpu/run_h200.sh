@@ -60,12 +60,16 @@ rm -rf "$RESULTS"
 COMMON=(--model "$MODEL" --random-init --batch-size "$BATCH" --max-length "${MAX_LENGTH:-192}"
         --steps "${STEPS:-20}" --warmup "${WARMUP:-5}" --repeats "${REPEATS:-3}"
         --device "${DEVICE:-cuda}" --in-process --data auto --out "$RESULTS")
-bench() {  # seconds, then the benchmark's own arguments
+pack() {  # after every benchmark: a run cut short by the call's limit still returns the rest
+  [[ -d $RESULTS ]] && tar -czf "$OUT/results.tgz" -C "$RESULTS" .
+}
+bench() {  # seconds, then the benchmark's own arguments (they override COMMON's)
   local limit=$1 start=$SECONDS
   shift
-  timeout "$limit" "$PY" benchmarks/train_throughput.py "$@" "${COMMON[@]}" | grep -v '^|' \
+  timeout "$limit" "$PY" benchmarks/train_throughput.py "${COMMON[@]}" "$@" | grep -v '^|' \
     || echo "FAILED: $*"
   echo "took $((SECONDS - start)) s: $*"
+  pack
 }
 # The baseline: Trainer defaults (fp32 on a GPU); ours: bf16 autocast.
 for method in full lora last_block; do bench 150 --method "$method" --tag h200; done
@@ -73,4 +77,6 @@ for method in full lora last_block; do bench 150 --method "$method" --tag h200; 
 for method in full lora last_block; do
   bench 90 --method "$method" --sides trainer --baseline-bf16 --tag h200-trainer-bf16
 done
-tar -czf "$OUT/results.tgz" -C "$RESULTS" . && tar -tzf "$OUT/results.tgz"
+# train.compile (torch.compile) for full fine-tuning, ours alone, once: compiling takes warm-up.
+bench 150 --method full --sides ours --compile --repeats 1 --warmup 8 --tag h200-compile
+tar -tzf "$OUT/results.tgz"
