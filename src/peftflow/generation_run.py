@@ -14,7 +14,6 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from peftflow.allocator import loaded_allocator
 from peftflow.causal_lm import (
     generate_texts,
     generation_batch,
@@ -36,6 +35,7 @@ from peftflow.training_run import (
     log_base_reference,
     memory_prediction_metrics,
     outcome_metrics,
+    outcome_tags,
     predicted_peak_memory_mb,
 )
 
@@ -200,8 +200,7 @@ def run_generation_training(
     pad_id = tokenizer.pad_token_id
     objective = generation_objective(encoded["train"], encoded["val"], cfg, pad_id)
     outcome = train_model(model, objective, cfg, epoch_logger(tracker), checkpoints)
-    # The C allocator decides how far a CPU run's RSS (peak_memory_mb) exceeds live memory.
-    tracker.set_tags({"peftflow.device": outcome.device, "peftflow.allocator": loaded_allocator()})
+    tracker.set_tags(outcome_tags(outcome))
     frames = generated_frames(splits)
     final, predictions = score_generation(model, tokenizer, encoded, frames, cfg)
     final.update(teacher_forced_metrics(model, encoded, cfg, pad_id))

@@ -537,13 +537,13 @@ def _run_epoch(
     scheduler,
     replicas,
     progress: Progress,
-    save: Callable[[], None] | None = None,
-    forward: nn.Module | None = None,
+    save: Callable[[], None] | None,
+    forward: nn.Module,
 ) -> float:
     """The rest of epoch ``progress.epoch`` (all of it unless resumed mid-epoch); its mean loss.
 
-    ``forward``: what the training forward passes run through (``model`` compiled, see
-    :func:`compiled_for_training`); ``model`` itself when None.
+    ``forward``: what the training forward passes run through (``model``, or ``model``
+    compiled: see :func:`compiled_for_training`).
 
     Raises :class:`NonFiniteError` at the first step whose loss or gradient norm is not
     finite, before the optimizer applies it. ``save`` writes a checkpoint every
@@ -586,8 +586,7 @@ def _run_epoch(
 def _train_step(model, forward, objective, cfg, micro_batches, trainable, replicas) -> torch.Tensor:
     """Gradients of one optimizer step (summed over replicas); the step's loss, a [] tensor."""
     device = trainable[0].device
-    module = model if forward is None else forward  # (a compiled module has no truth value)
-    loss = _accumulate_gradients(module, objective, micro_batches, device, replicas)
+    loss = _accumulate_gradients(forward, objective, micro_batches, device, replicas)
     if replicas:
         loss = replicas.all_reduce_gradients(trainable, loss)
     method = METHODS[cfg.method.name]

@@ -66,8 +66,7 @@ def run_training(
     outcome = train_classifier(
         model, encoded["train"], encoded["val"], cfg, pad_id, log_epoch, checkpoints
     )
-    # The C allocator decides how far a CPU run's RSS (peak_memory_mb) exceeds live memory.
-    tracker.set_tags({"peftflow.device": outcome.device, "peftflow.allocator": loaded_allocator()})
+    tracker.set_tags(outcome_tags(outcome))
     final = _final_metrics(model, encoded, cfg, pad_id, out_dir, tracker)
     final.update(outcome_metrics(trainable, total, outcome))
     tracker.log_metrics(final)
@@ -101,6 +100,12 @@ def epoch_logger(tracker):
         tracker.log_metrics({f"epoch/{k}": v for k, v in metrics.items() if k != "epoch"}, epoch)
 
     return log_epoch
+
+
+def outcome_tags(outcome: TrainOutcome) -> dict[str, str]:
+    """Where a run trained: the device, and the C allocator, which decides how far a CPU
+    run's RSS (``peak_memory_mb``) exceeds its live memory (docs/memory.md)."""
+    return {"peftflow.device": outcome.device, "peftflow.allocator": loaded_allocator()}
 
 
 def outcome_metrics(trainable: int, total: int, outcome: TrainOutcome) -> dict[str, float]:
