@@ -8,7 +8,8 @@ epoch), see ``training.batch_order``), the step losses of the epoch so far, the
 epoch history and the best epoch (value and weights). AdaLoRA's rank allocator
 keeps importance scores outside the model: they are saved too.
 
-Layout, under ``outputs/checkpoints/<run key>/`` (a lock file ``<run key>.lock`` beside it)::
+Layout, under ``outputs/checkpoints/<run key>/`` (a lock file ``<run key>.lock`` beside it
+while a process trains that key)::
 
     epoch-0002-step-000000003/  one complete checkpoint: epoch 2, 3 optimizer steps into it
         meta.json               run key, MLflow run id, position, history, optimizer and
@@ -44,7 +45,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -182,27 +183,54 @@ def claimed(checkpoints: Checkpoints | None) -> Iterator[Checkpoints | None]:
     An advisory lock (flock) on ``<run key>.lock`` next to the folder: two processes
     training the same key at once (a study listing one variant twice) must not resume
     or overwrite each other's checkpoints. The kernel drops the lock of a killed
-    process, so a resumed run is never locked out by the run it resumes.
+    process, so a resumed run is never locked out by the run it resumes. The holder
+    deletes the lock file when done, so finished runs leave none behind.
     """
     if checkpoints is None:
         yield None
         return
     checkpoints.folder.parent.mkdir(parents=True, exist_ok=True)
     lock_path = checkpoints.folder.with_name(f"{checkpoints.folder.name}.lock")
-    with open(lock_path, "a") as lock:
+    lock = _lock_exclusively(lock_path)
+    if lock is None:
+        logger.warning(
+            "another process is training run key %s now: this run writes no checkpoints",
+            checkpoints.run_key,
+        )
+        yield None
+        return
+    try:
+        yield checkpoints
+    finally:
+        lock_path.unlink(missing_ok=True)  # still held: no one can take it in between
+        lock.close()  # closing releases the flock
+
+
+def _lock_exclusively(path: Path) -> IO | None:
+    """The open, flock-ed file at ``path``; None when another process holds it.
+
+    A holder deletes the file when done; a file opened just before that deletion is
+    no longer the one at ``path``, so its lock would guard nothing: open it again.
+    """
+    while True:
+        lock = open(path, "a")  # noqa: SIM115 - held open by the caller
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            logger.warning(
-                "another process is training run key %s now: this run writes no checkpoints",
-                checkpoints.run_key,
-            )
-            yield None
-            return
-        try:
-            yield checkpoints
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+            lock.close()
+            return None
+        if _same_file(lock, path):
+            return lock
+        lock.close()
+
+
+def _same_file(handle: IO, path: Path) -> bool:
+    try:
+        on_disk = path.stat()
+    except FileNotFoundError:
+        return False
+    held = os.fstat(handle.fileno())
+    return (held.st_dev, held.st_ino) == (on_disk.st_dev, on_disk.st_ino)
 
 
 # --- files ------------------------------------------------------------------------------

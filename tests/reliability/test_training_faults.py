@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import shutil
 import signal
@@ -13,7 +14,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from peftflow import pipeline, training
+from peftflow import checkpoint, pipeline, training
 from peftflow.checkpoint import Checkpoints, claimed
 from peftflow.config import RUN_KEY_EXCLUDED
 from peftflow.errors import TrainingError
@@ -385,8 +386,29 @@ def test_a_run_key_trained_by_another_process_gets_no_checkpoints(tmp_path):
         claimed(Checkpoints(tmp_path / "key-a", "key-a")) as second,
     ):
         assert first is checkpoints and second is None
+        assert (tmp_path / "key-a.lock").exists()
+    assert not (tmp_path / "key-a.lock").exists()  # a finished run leaves no lock file
     with claimed(checkpoints) as again:  # released when the first run ended
         assert again is checkpoints
+
+
+def test_a_lock_taken_on_a_deleted_lock_file_is_retried(tmp_path, monkeypatch):
+    """Opened just before its holder deleted it, locked just after: that lock guards nothing."""
+    lock_path = tmp_path / "key-a.lock"
+    real_flock, calls = fcntl.flock, []
+
+    def holder_finishes_in_between(handle, operation):
+        calls.append(operation)
+        if len(calls) == 1:  # the holder deletes the file this process has just opened
+            lock_path.unlink()
+        real_flock(handle, operation)
+
+    monkeypatch.setattr(checkpoint.fcntl, "flock", holder_finishes_in_between)
+    with claimed(Checkpoints(tmp_path / "key-a", "key-a")) as mine:
+        assert mine is not None and len(calls) == 2  # locked, found stale, opened again
+        monkeypatch.setattr(checkpoint.fcntl, "flock", real_flock)
+        with claimed(Checkpoints(tmp_path / "key-a", "key-a")) as other:
+            assert other is None  # the file now at the path is the one held
 
 
 def test_a_failed_run_is_continued_and_a_finished_one_never(tracking_uri, tmp_path):
