@@ -157,6 +157,12 @@ def data_verify(
     repair: bool = typer.Option(
         False, "--repair", help="Restore bad copies: cache from data/ or the remote, then data/."
     ),
+    remote: bool = typer.Option(
+        False,
+        "--remote",
+        help="Also re-hash the default remote's copies (streamed); with --repair, re-upload "
+        "the bad or missing ones from the verified cache.",
+    ),
 ) -> None:
     """Re-hash data/ and its DVC cache objects against data.dvc; exit 2 on any mismatch."""
     from peftflow.data import dvc_store
@@ -165,20 +171,35 @@ def data_verify(
         with contextlib.redirect_stdout(sys.stderr):  # DVC's progress output
             restored = dvc_store.repair(root, target) if repair else []
             check = dvc_store.verify(root, target)
+            if remote and repair:
+                restored += dvc_store.repair_remote(root, target)
+            in_remote = dvc_store.verify_remote(root, target) if remote else None
     except PeftflowError as err:
         _fail(err)
     for line in restored:
         typer.echo(f"restored {line}")
-    if not check.ok:
-        problems = "\n".join(f"  - {bad.describe()}" for bad in check.cache + check.workspace)
+    bad = check.cache + check.workspace + (in_remote.bad if in_remote else ())
+    if bad:
+        problems = "\n".join(f"  - {item.describe()}" for item in bad)
         _fail(
             PeftflowError(
                 f"data {check.data_md5} differs from {target}.dvc:\n{problems}\n"
-                "Run `peftflow data verify --repair` to restore the cache (from data/ or the "
-                f"remote) and {target}/ (from the cache)."
+                + _verify_fix(target, remote)
             )
         )
     typer.echo(f"data {check.data_md5}: {check.n_files} files, cache and {target}/ ok")
+    if in_remote is not None:
+        typer.echo(f"remote {in_remote.url}: {in_remote.n_objects} objects ok")
+
+
+def _verify_fix(target: str, remote: bool) -> str:
+    fix = (
+        "Run `peftflow data verify --repair` to restore the cache (from data/ or the remote) "
+        f"and {target}/ (from the cache)"
+    )
+    if remote:
+        fix = fix.replace("--repair", "--repair --remote") + ", and the remote (from the cache)"
+    return fix + "."
 
 
 @app.command()

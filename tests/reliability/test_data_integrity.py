@@ -34,8 +34,10 @@ from peftflow.data.dvc_store import (
     push,
     repair,
     repair_cache,
+    repair_remote,
     track,
     verify,
+    verify_remote,
 )
 from peftflow.errors import ConfigError, DataError, PeftflowError
 from peftflow.reproduce import (
@@ -277,6 +279,109 @@ def test_cli_data_verify_exit_codes(tmp_path):
     repaired = runner.invoke(app, ["data", "verify", "--root", str(root), "--repair"])
     assert repaired.exit_code == 0, repaired.output
     assert "restored" in repaired.output and verify(root).ok
+
+
+# --- the remote's copies ----------------------------------------------------------------
+
+
+def manifest_object(root: Path) -> Path:
+    md5 = data_md5(root)
+    return cache_dir(root) / md5[:2] / md5[2:]
+
+
+def test_the_remote_is_verified_object_by_object(tmp_path):
+    root = tracked_project(tmp_path / "project")
+    check = verify_remote(root)
+    assert check.ok and check.n_objects == 3  # the manifest and two files
+    assert check.data_md5 == data_md5(root)
+    assert Path(check.url) == (root / ".dvc-storage" / "files" / "md5").resolve()
+    assert repair_remote(root) == []
+
+
+def test_a_rotted_and_a_missing_remote_copy_are_named_and_uploaded_again(tmp_path):
+    root = tracked_project(tmp_path / "project")
+    rows, manifest = cache_object(root), cache_object(root, "manifest.json")
+    rot(remote_copy(root, rows))
+    remote_copy(root, manifest).unlink()
+    assert verify(root).ok  # the local copies are fine: only the remote's are not
+
+    check = verify_remote(root)
+    assert {(bad.place, bad.name) for bad in check.bad} == {
+        ("remote", "rows.csv"),
+        ("remote", "manifest.json"),
+    }
+    missing = next(bad for bad in check.bad if bad.name == "manifest.json")
+    assert missing.actual is None and "it is missing" in missing.describe()
+    assert str(remote_copy(root, rows)) in next(b.describe() for b in check.bad if b.actual)
+
+    restored = repair_remote(root)
+    assert sorted(restored) == [
+        "manifest.json: remote copy restored from the cache",
+        "rows.csv: remote copy restored from the cache",
+    ]
+    assert verify_remote(root).ok
+    assert remote_copy(root, rows).read_bytes() == rows.read_bytes()
+
+
+def test_a_rotted_remote_manifest_still_lets_every_file_be_checked(tmp_path):
+    root = tracked_project(tmp_path / "project")
+    rot(remote_copy(root, manifest_object(root)))
+    rot(remote_copy(root, cache_object(root)))
+    names = {bad.name for bad in verify_remote(root).bad}
+    assert names == {MANIFEST, "rows.csv"}  # files listed by the local manifest instead
+    repair_remote(root)
+    assert verify_remote(root).ok
+
+
+def test_data_never_pushed_is_reported_missing_from_the_remote(tmp_path):
+    root = tracked_project(tmp_path / "project")
+    shutil.rmtree(root / ".dvc-storage")
+    check = verify_remote(root)
+    assert check.n_objects == 3  # the files are listed by the local manifest
+    assert {bad.name for bad in check.bad} == {MANIFEST, "rows.csv", "manifest.json"}
+    assert all(bad.actual is None for bad in check.bad)
+    assert len(repair_remote(root)) == 3 and verify_remote(root).ok
+
+
+def test_the_remote_only_ever_receives_bytes_that_hash_right(tmp_path):
+    root = tracked_project(tmp_path / "project")
+    rot(cache_object(root))  # the cache rotted too; data/ still holds the good bytes
+    rot(remote_copy(root, cache_object(root)))
+    restored = repair_remote(root)
+    assert "rows.csv: cache object restored from" in restored[0]
+    assert verify(root).ok and verify_remote(root).ok
+
+    rot(cache_object(root))
+    rot(remote_copy(root, cache_object(root)))
+    shutil.rmtree(root / "data")  # now no good copy is left anywhere
+    with pytest.raises(DataError, match=r"rows\.csv.*corrupted copy too"):
+        repair_remote(root)
+
+
+def test_verifying_without_a_remote_says_how_to_add_one(tmp_path):
+    root = tracked_project(tmp_path / "project")
+    with (root / ".dvc" / "config").open("w") as handle:
+        handle.write("[core]\n    analytics = false\n")
+    with pytest.raises(DataError, match=r"(?s)read the default remote.*dvc remote add -d.*dvc remote list"):
+        verify_remote(root)
+
+
+def test_cli_data_verify_remote(tmp_path):
+    root = tracked_project(tmp_path / "project")
+    ok = runner.invoke(app, ["data", "verify", "--root", str(root), "--remote"])
+    assert ok.exit_code == 0, ok.output
+    assert "remote " in ok.output and "3 objects ok" in ok.output
+
+    rot(remote_copy(root, cache_object(root)))
+    found = runner.invoke(app, ["data", "verify", "--root", str(root), "--remote"])
+    assert found.exit_code == 2, found.output
+    assert "rows.csv (remote copy" in found.output
+    assert "peftflow data verify --repair --remote" in found.output
+
+    args = ["data", "verify", "--root", str(root), "--remote", "--repair"]
+    repaired = runner.invoke(app, args)
+    assert repaired.exit_code == 0, repaired.output
+    assert "restored rows.csv: remote copy restored from the cache" in repaired.output
 
 
 # --- reproduce ------------------------------------------------------------------------

@@ -12,7 +12,9 @@ therefore re-hashes every file of a version itself, and :func:`repair` replaces
 a bad copy from a good one: the workspace file, else the remote. ``track`` heals
 the cache after every ``dvc add``, ``push`` refuses to upload a corrupted object
 and ``pull`` repairs what it brought, so no run trains on, and no remote
-receives, bytes that differ from their recorded md5.
+receives, bytes that differ from their recorded md5. :func:`verify_remote`
+streams the remote's own copies and hashes them; :func:`repair_remote` replaces
+bad or missing ones from the verified cache.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import NamedTuple
 
 import yaml
@@ -149,15 +151,15 @@ class Entry(NamedTuple):
 class Mismatch:
     """A copy of a tracked file whose bytes do not hash to the md5 DVC recorded for it."""
 
-    place: str  # "cache" or "workspace"
+    place: str  # "cache", "workspace" or "remote"
     name: str  # the file's path inside the data version, or MANIFEST
-    path: Path
+    path: Path | str  # a remote copy's URL is a str: Path would fold s3:// into s3:/
     expected: str
     actual: str | None  # None: the copy is missing
 
     def describe(self) -> str:
         found = "it is missing" if self.actual is None else f"found md5 {self.actual}"
-        label = self.name or self.path.name
+        label = self.name or PurePosixPath(str(self.path)).name
         return f"{label} ({self.place} copy {self.path}): expected md5 {self.expected}, {found}"
 
 
@@ -192,6 +194,11 @@ def cache_dir(root: Path) -> Path:
 
 def verify(root: Path, target: str = "data") -> Verification:
     """Re-hash the tracked version of ``target``: its cache objects and its workspace files."""
+    return verify_version(root, _tracked_md5(root, target), Path(root) / target)
+
+
+def _tracked_md5(root: Path, target: str) -> str:
+    """The version ``<target>.dvc`` records, refused when DVC 2 wrote it."""
     out = _dvc_out(root, target)
     if out.get("hash") != "md5":
         raise DataError(
@@ -199,7 +206,7 @@ def verify(root: Path, target: str = "data") -> Verification:
             "layout and text hashing peftflow does not check; re-track it with DVC 3: "
             "`dvc cache migrate --dvc-files`, or `peftflow ingest`"
         )
-    return verify_version(root, out["md5"], Path(root) / target)
+    return out["md5"]
 
 
 def verify_version(root: Path, md5: str, workspace: Path | None = None) -> Verification:
@@ -258,6 +265,129 @@ def repair_cache(root: Path, md5: str, workspace: Path | None = None) -> list[st
         _atomic_copy(source, bad.path, CACHE_MODE)
     restored += [f"{bad.name}: cache object restored from {workspace}" for bad in local]
     return restored + _from_remote(root, [bad for bad in check.cache if bad not in local])
+
+
+# --- the remote's copies ----------------------------------------------------------------
+
+REMOTE_FIX = (
+    "check the 'storage' remote (`dvc remote list`), that it is reachable and its credentials"
+)
+
+
+@dataclass(frozen=True)
+class RemoteVerification:
+    """The outcome of re-hashing the default remote's copies of one data version."""
+
+    url: str
+    data_md5: str
+    n_objects: int  # the manifest (of a folder version) and each distinct file object
+    bad: tuple[Mismatch, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return not self.bad
+
+
+def verify_remote(root: Path, target: str = "data") -> RemoteVerification:
+    """Re-hash the default remote's copy of every object of the tracked version.
+
+    Each object is streamed from the remote and hashed here: DVC's own ``status
+    --cloud`` only asks whether an object exists, so a copy that rotted or was cut
+    short on the remote passes it, and would only fail the day it is pulled.
+    """
+    md5 = _tracked_md5(root, target)
+    with _open(root) as repo, _dvc_errors("read the default remote", REMOTE_FIX):
+        odb = repo.cloud.get_remote_odb(None, "verify")
+        return _verify_remote_version(odb, md5, cache_dir(root))
+
+
+def repair_remote(root: Path, target: str = "data") -> list[str]:
+    """Upload fresh copies of the remote's bad or missing objects; returns what was restored.
+
+    The local cache is verified (and repaired from ``<target>/``) first: only bytes
+    that hash to their md5 are ever sent. A bad remote copy is deleted before the
+    upload, since DVC never overwrites an object it finds present.
+    """
+    check = verify_remote(root, target)
+    if check.ok:
+        return []
+    workspace = Path(root) / target
+    restored = repair_cache(root, check.data_md5, workspace)
+    cache = cache_dir(root)
+    with _open(root) as repo, _dvc_errors(f"upload to {check.url}", REMOTE_FIX):
+        odb = repo.cloud.get_remote_odb(None, "push")
+        for bad in check.bad:
+            _upload(odb, cache, bad)
+        final = _verify_remote_version(odb, check.data_md5, cache)
+    if not final.ok:
+        raise DataError(
+            f"the remote {check.url} still differs from {target}.dvc after the upload: "
+            f"{_listing(final.bad)}; check the remote's free space and permissions"
+        )
+    return restored + [f"{bad.name}: remote copy restored from the cache" for bad in check.bad]
+
+
+def _verify_remote_version(odb, md5: str, cache: Path) -> RemoteVerification:
+    """Re-hash version ``md5``'s objects on the remote ``odb``.
+
+    A folder's files are listed by the remote's manifest, or by the local one when
+    the remote's is bad (then that is reported with the rest); with neither, the
+    manifest is the one problem reported.
+    """
+    url = odb.fs.unstrip_protocol(odb.path)
+    objects = [Entry(MANIFEST, md5)] if md5.endswith(".dir") else []
+    bad = _remote_mismatches(odb, objects)
+    entries = _remote_entries(odb, md5) if not bad else _entries(cache, md5)[0]
+    if md5.endswith(".dir") and not entries and bad:
+        return RemoteVerification(url, md5, 1, bad)
+    files = list({entry.md5: entry for entry in entries}.values())
+    return RemoteVerification(
+        url, md5, len(objects) + len(files), bad + _remote_mismatches(odb, files)
+    )
+
+
+def _remote_entries(odb, md5: str) -> list[Entry]:
+    """The files of a version, from the remote's (verified) manifest."""
+    if not md5.endswith(".dir"):
+        return [Entry("", md5)]
+    with odb.fs.open(odb.oid_to_path(md5), "rb") as handle:
+        listing = json.loads(handle.read())
+    return [Entry(item["relpath"], item["md5"]) for item in listing]
+
+
+def _remote_mismatches(odb, entries: Iterable[Entry]) -> tuple[Mismatch, ...]:
+    """Entries whose remote object is missing or does not hash to its md5."""
+    found = []
+    for entry in entries:
+        oid = entry.md5  # a manifest's oid keeps its .dir suffix; its md5 does not
+        path = odb.oid_to_path(oid)
+        actual = _remote_md5(odb.fs, path)
+        if actual != oid.removesuffix(".dir"):
+            url = odb.fs.unstrip_protocol(path)
+            found.append(Mismatch("remote", entry.relpath, url, oid.removesuffix(".dir"), actual))
+    return tuple(found)
+
+
+def _remote_md5(fs, path: str) -> str | None:
+    """md5 of a remote file, streamed in 1 MiB reads; None when it is missing."""
+    digest = hashlib.md5()
+    try:
+        with fs.open(path, "rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+    except FileNotFoundError:
+        return None
+    return digest.hexdigest()
+
+
+def _upload(odb, cache: Path, bad: Mismatch) -> None:
+    """Replace one remote object by the verified cache copy."""
+    from dvc_objects.fs.local import LocalFileSystem
+
+    oid = bad.expected + (".dir" if bad.name == MANIFEST else "")
+    if bad.actual is not None:
+        odb.fs.rm(odb.oid_to_path(oid))
+    odb.add(str(_object(cache, oid)), LocalFileSystem(), oid, check_exists=False)
 
 
 def checkout_version(root: Path, md5: str, dest: Path) -> Path:
