@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -12,6 +14,7 @@ import pytest
 import torch
 import yaml
 
+from peftflow.checkpoint import Checkpoints
 from peftflow.distributed import Replicas, data_parallel, main
 from peftflow.model_io import build_for_training
 from peftflow.modeling import trained_state
@@ -169,6 +172,80 @@ def test_two_gloo_replicas_stay_identical_and_match_one_process(tiny_models, tmp
         assert parallel["val_f1"] == pytest.approx(single["val_f1"], abs=1e-9)
     for name, tensor in trained_state(model).items():
         assert torch.allclose(ranks[0]["state"][name], tensor, atol=1e-5), name
+
+
+def _checkpointing_replica(
+    rank: int, size: int, port: int, model_dir: str, out_dir: str, kill_at: str | None
+) -> None:
+    """A replica of a run with dropout on, checkpointing every step into ``out_dir``.
+
+    With ``kill_at``, rank 0 SIGKILLs itself right after writing that checkpoint.
+    """
+    env = {"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": size, "LOCAL_WORLD_SIZE": size}
+    os.environ.update({k: str(v) for k, v in env.items()})
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **CPU_ONLY)
+    torch.set_num_threads(1)
+    cfg = tiny_config(Path(model_dir), "lora", lora={"r": 4, "alpha": 8, "dropout": 0.1})
+    train = cfg.train.model_copy(update={"epochs": 2, "checkpoint_every_steps": 1})
+    cfg = cfg.model_copy(update={"train": train})
+    model, tokenizer, _ = build_for_training(cfg)
+    data = encoded_table(cfg, tokenizer, n=45)
+    checkpoints = None
+    if rank == 0:  # rank 0 holds the run key's checkpoints, as pipeline.train_stage does
+        checkpoints = Checkpoints(Path(out_dir) / "checkpoints" / "key", "key")
+        if kill_at:
+            checkpoints.save = killed_after(checkpoints.save, kill_at)
+    outcome = train_classifier(model, data, data, cfg, tokenizer.pad_token_id, None, checkpoints)
+    saved = {"history": outcome.history, "state": trained_state(model)}
+    torch.save(saved, Path(out_dir) / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def killed_after(save, name: str):
+    def save_then_die(*args, **kwargs):
+        path = save(*args, **kwargs)
+        if path.name == name:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return path
+
+    return save_then_die
+
+
+def _spawn_checkpointing(*args) -> None:
+    """Two checkpointing replicas; raises ProcessExitedException when one is killed."""
+    context = torch.multiprocessing.start_processes(
+        _checkpointing_replica, args=(2, *args), nprocs=2, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+    while not context.join(timeout=5):  # a dead rank makes join stop the other and raise
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"replicas did not finish in {LAUNCH_TIMEOUT_S} s")
+
+
+@pytest.mark.slow
+def test_a_killed_data_parallel_run_resumes_exactly(tiny_models, tmp_path):
+    """Rank 0 dies after the epoch 2 step 2 checkpoint; relaunched, both ranks resume from it
+    (rank 1 with its own dropout RNG) and end bit-identical to a launch never killed."""
+    model_dir = str(tiny_models["llama"])
+    whole, killed = tmp_path / "uninterrupted", tmp_path / "killed"
+    whole.mkdir(), killed.mkdir()
+    _spawn_checkpointing(free_port(), model_dir, str(whole), None)
+    with pytest.raises(torch.multiprocessing.ProcessExitedException, match="SIGKILL"):
+        _spawn_checkpointing(free_port(), model_dir, str(killed), "epoch-0002-step-000000002")
+    folder = killed / "checkpoints" / "key"
+    assert [path.name for path in folder.glob("epoch-*")] == ["epoch-0002-step-000000002"]
+    meta = json.loads((folder / "epoch-0002-step-000000002" / "meta.json").read_text())
+    assert len(meta["replicas"]) == 2  # both ranks' RNG states
+
+    _spawn_checkpointing(free_port(), model_dir, str(killed), None)
+    for rank in (0, 1):
+        expected = torch.load(whole / f"rank{rank}.pt")
+        resumed = torch.load(killed / f"rank{rank}.pt")
+        assert resumed["history"] == expected["history"]
+        for name, tensor in expected["state"].items():
+            assert torch.equal(resumed["state"][name], tensor), (rank, name)
 
 
 # --- the documented launch ---------------------------------------------------------------------

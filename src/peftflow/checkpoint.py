@@ -28,8 +28,11 @@ previous one is deleted only once the new one is in place. ``meta.json`` records
 the run key, and every file's sha256: a checkpoint of another run key, or one
 whose files changed, is refused with the path to delete.
 
-Data-parallel launches do not checkpoint (yet): the replicas' dropout RNG states
-differ, and a single process's checkpoint would not restore them.
+A data-parallel launch checkpoints too: rank 0 writes, with every replica's RNG
+states (gathered; their dropout masks differ), and on resume every rank reads the
+same folder and restores its own RNG states, so the folder must be readable from
+every rank (one machine, or a shared filesystem). A checkpoint resumes only under
+the number of processes that wrote it.
 """
 
 from __future__ import annotations
@@ -126,8 +129,19 @@ class Checkpoints:
         position = f"epoch {progress['epoch']} step {progress['step']}"
         return Pending(folder, meta.get("run_id"), position, progress["history"])
 
-    def save(self, model: nn.Module, optimizer, scheduler, progress: Progress, seconds: float):
-        """Write a checkpoint of the state after ``progress`` (atomically), drop older ones."""
+    def save(
+        self,
+        model: nn.Module,
+        optimizer,
+        scheduler,
+        progress: Progress,
+        seconds: float,
+        replica_rngs: list[RngState] | None = None,
+    ):
+        """Write a checkpoint of the state after ``progress`` (atomically), drop older ones.
+
+        ``replica_rngs``: every rank's :func:`rng_state`, in rank order (data-parallel).
+        """
         tensors: dict[str, dict[str, torch.Tensor]] = {name: {} for name in TENSOR_FILES}
         tensors["weights"] = trained_state(model)
         tensors["best"] = progress.best_state or {}
@@ -141,6 +155,10 @@ class Checkpoints:
             "rng": _rng_json(tensors["state"]),
             "method": _to_json(_method_state(model), "method", tensors["state"]),
         }
+        if replica_rngs is not None:
+            meta["replicas"] = [data for data, _ in replica_rngs]
+            for rank, (_, rng_tensors) in enumerate(replica_rngs):
+                tensors["state"].update({f"replica.{rank}.{k}": v for k, v in rng_tensors.items()})
         name = f"{FOLDER_PREFIX}{progress.epoch:04d}-step-{progress.step:09d}"  # sorts in order
         path = _write_atomically(self.folder, name, meta, tensors)
         for older in self.folder.glob(f"{FOLDER_PREFIX}*"):
@@ -148,12 +166,24 @@ class Checkpoints:
                 shutil.rmtree(older, ignore_errors=True)
         return path
 
-    def restore(self, model: nn.Module, optimizer, scheduler) -> Progress | None:
-        """Load the latest checkpoint into model, optimizer, scheduler and RNGs; its progress."""
-        folder = self.latest()
+    def restore(
+        self,
+        model: nn.Module,
+        optimizer,
+        scheduler,
+        replica: tuple[int, int] | None = None,
+        folder: Path | None = None,
+    ) -> Progress | None:
+        """Load the latest checkpoint into model, optimizer, scheduler and RNGs; its progress.
+
+        ``replica`` is (rank, processes) in a data-parallel launch, whose ranks all read
+        ``folder`` (the one rank 0 chose) and each restores its own RNG states.
+        """
+        folder = self.latest() if folder is None else folder
         if folder is None:
             return None
         meta = _verified_meta(folder, self.run_key)
+        self._require_same_processes(meta, folder, replica[1] if replica else 1)
         tensors = {name: load_file(str(folder / f"{name}.safetensors")) for name in TENSOR_FILES}
         device = next(model.parameters()).device
         try:
@@ -166,10 +196,20 @@ class Checkpoints:
                 f"checkpoint {folder} does not fit this model ({error}); the code that builds "
                 f"the model changed since it was written. Delete {self.folder} to start over"
             ) from None
-        _restore_rng(meta["rng"], tensors["state"])
+        _restore_rng(*_own_rng(meta, tensors["state"], replica))
         progress = _progress_from_json(meta["progress"], tensors, device)
         logger.info("resuming run key %s from %s (%s)", self.run_key, progress.position(), folder)
         return progress
+
+    def _require_same_processes(self, meta: dict, folder: Path, processes: int) -> None:
+        """Each replica's dropout stream is in the checkpoint: resume with as many replicas."""
+        wrote = len(meta.get("replicas", [])) or 1
+        if wrote != processes:
+            raise TrainingError(
+                f"checkpoint {folder} was written by a launch of {wrote} process(es); this one "
+                f"has {processes}. Launch {wrote} again to resume it exactly, or delete "
+                f"{self.folder} to train this run key from the start"
+            )
 
     def discard(self) -> None:
         """Delete every checkpoint of this run key (the run finished, or cannot succeed)."""
@@ -374,6 +414,24 @@ def _progress_from_json(data: dict, tensors: dict, device: torch.device) -> Prog
         seconds=data["seconds"],
         layout=data["layout"],
     )
+
+
+RngState = tuple[dict, dict[str, torch.Tensor]]  # JSON part, uint8 tensors
+
+
+def rng_state() -> RngState:
+    """This process's RNG states (python, numpy, torch CPU and CUDA), as a checkpoint holds them."""
+    tensors: dict[str, torch.Tensor] = {}
+    return _rng_json(tensors), tensors
+
+
+def _own_rng(meta: dict, state: dict[str, torch.Tensor], replica: tuple[int, int] | None):
+    """The RNG states this process restores: its rank's entry in a data-parallel checkpoint."""
+    if replica is None:
+        return meta["rng"], state
+    prefix = f"replica.{replica[0]}."
+    mine = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+    return meta["replicas"][replica[0]], mine
 
 
 def _rng_json(tensors: dict[str, torch.Tensor]) -> dict:

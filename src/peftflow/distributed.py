@@ -16,7 +16,9 @@ batch: each process takes every N-th example of every micro-batch
 step, so a run computes the same thing as one process with the same config (up
 to float summation order) and keeps its run key. Rank 0 alone prepares and checks
 the data, validates each epoch, logs to MLflow, evaluates, saves and registers;
-at the end the replicas must hold bit-identical trainable weights.
+at the end the replicas must hold bit-identical trainable weights. Rank 0 also
+writes the checkpoints, with every rank's RNG states, and a relaunch resumes every
+rank from them (:func:`resume_replicas`).
 
 The training loop (:mod:`peftflow.training`) asks :func:`data_parallel` for the
 replicas and gets ``None`` in a single process, so that path is unchanged.
@@ -43,6 +45,7 @@ from typing import Any
 
 import torch
 
+from peftflow.checkpoint import Checkpoints, Progress
 from peftflow.config import ExperimentConfig
 from peftflow.errors import PeftflowError, TrainingError
 
@@ -116,11 +119,16 @@ class Replicas:
                 param.grad = None
         return flat[-1]
 
+    def all_gather(self, value: Any) -> list[Any]:
+        """Every rank's ``value`` (any picklable object), in rank order, on every rank."""
+        values = [None] * self.size
+        torch.distributed.all_gather_object(values, value)
+        return values
+
     def require_in_sync(self, model: torch.nn.Module) -> str:
         """sha256 of the trainable weights; raises unless every replica has the same."""
         digest = trainable_digest(model)
-        digests = [None] * self.size
-        torch.distributed.all_gather_object(digests, digest)
+        digests = self.all_gather(digest)
         # One write per line: the ranks share the launcher's stdout.
         sys.stdout.write(f"peftflow ddp rank {self.rank}/{self.size} weights sha256 {digest}\n")
         sys.stdout.flush()
@@ -134,6 +142,51 @@ class Replicas:
     @property
     def _comm_device(self) -> torch.device | None:
         return self.device if self.backend == "nccl" else None
+
+
+def resume_replicas(
+    replicas: Replicas, checkpoints: Checkpoints | None, model, optimizer, scheduler
+) -> tuple[Progress | None, bool]:
+    """Every rank resumes from the checkpoint rank 0 found; whether the launch checkpoints.
+
+    Rank 0 alone holds ``checkpoints`` (the run key's lock is its). It names the
+    folder; every rank loads the same weights, optimizer and schedule from it and
+    its own RNG states. A rank that cannot (the folder is not on its machine) fails
+    every rank with its reason, rather than leaving the others waiting in a collective.
+    """
+    plan = replicas.broadcast(_resume_plan(checkpoints) if replicas.is_main else None)
+    progress, error = None, None
+    if plan["folder"] is not None:
+        folder = Path(plan["folder"])
+        mine = checkpoints or Checkpoints(folder.parent, plan["run_key"])
+        try:
+            progress = _restore_replica(replicas, mine, folder, model, optimizer, scheduler)
+        except TrainingError as err:
+            error = f"rank {replicas.rank}: {err}"
+    failed = [reason for reason in replicas.all_gather(error) if reason]
+    if failed:
+        raise TrainingError("; ".join(failed))
+    return progress, plan["checkpointing"]
+
+
+def _resume_plan(checkpoints: Checkpoints | None) -> dict:
+    """Rank 0: whether to checkpoint, and the folder every rank resumes from (or None)."""
+    latest = checkpoints.latest() if checkpoints else None
+    return {
+        "checkpointing": checkpoints is not None,
+        "folder": None if latest is None else str(latest),
+        "run_key": checkpoints.run_key if checkpoints else None,
+    }
+
+
+def _restore_replica(replicas, checkpoints, folder: Path, model, optimizer, scheduler):
+    if not folder.is_dir():
+        raise TrainingError(
+            f"checkpoint {folder} is not on this machine: data-parallel resumes need outputs/ "
+            "on a filesystem every rank reads (or set train.checkpoint_every_steps: 0)"
+        )
+    replica = (replicas.rank, replicas.size)
+    return checkpoints.restore(model, optimizer, scheduler, replica, folder)
 
 
 def trainable_digest(model: torch.nn.Module) -> str:

@@ -311,11 +311,13 @@ def train_stage(
 
 
 def _checkpoints(cfg: ExperimentConfig, root: Path, run_key: str):
-    """The run key's checkpoints; None with train.checkpoint_every_steps 0 or data-parallel."""
-    from peftflow.checkpoint import Checkpoints
-    from peftflow.distributed import world_size
+    """The run key's checkpoints; None with train.checkpoint_every_steps 0.
 
-    if not cfg.train.checkpoint_every_steps or world_size() > 1:
+    In a data-parallel launch this runs on rank 0, which writes them for every rank.
+    """
+    from peftflow.checkpoint import Checkpoints
+
+    if not cfg.train.checkpoint_every_steps:
         return None
     return Checkpoints(outputs_dir(root) / "checkpoints" / run_key, run_key)
 

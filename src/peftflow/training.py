@@ -27,9 +27,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from peftflow.checkpoint import Checkpoints, Progress
+from peftflow.checkpoint import Checkpoints, Progress, rng_state
 from peftflow.config import ExperimentConfig, TrainConfig
-from peftflow.distributed import Replicas, data_parallel
+from peftflow.distributed import Replicas, data_parallel, resume_replicas
 from peftflow.errors import TrainingError
 from peftflow.methods import METHODS
 from peftflow.metrics import classification_metrics
@@ -399,7 +399,8 @@ def train_model(
     ``train.checkpoint_every_steps`` optimizer steps and at each epoch end (see
     :mod:`peftflow.checkpoint`). In a multi-process launch every process calls this
     with the same arguments; rank 0 validates and calls ``on_epoch``, the others
-    receive its metrics; such launches do not checkpoint.
+    receive its metrics; rank 0 writes the checkpoints (with every rank's RNG
+    states) and every rank resumes from the folder rank 0 chose.
     """
     tc = cfg.train
     if not objective.lengths:
@@ -408,19 +409,23 @@ def train_model(
     device, replicas = _place(model, tc)
     store_frozen_weights_for_autocast(model, device, tc.precision)
     reset_peak_memory(device)
-    if replicas or not tc.checkpoint_every_steps:  # data-parallel runs do not checkpoint yet
+    if not tc.checkpoint_every_steps:
         checkpoints = None
     optimizer, scheduler = _optimizer_and_schedule(model, objective, cfg, device)
     forward = compiled_for_training(model, tc.compile)
-    progress = _resume(checkpoints, model, optimizer, scheduler, _layout(objective, tc))
+    progress, checkpointing = _resume(
+        checkpoints, replicas, model, optimizer, scheduler, _layout(objective, tc)
+    )
     outcome = TrainOutcome(device=str(device), processes=replicas.size if replicas else 1)
     started = time.perf_counter()
 
     def save_checkpoint() -> None:  # the state after the latest optimizer step
         seconds = progress.seconds + time.perf_counter() - started
-        checkpoints.save(model, optimizer, scheduler, progress, seconds)
+        rngs = replicas.all_gather(rng_state()) if replicas else None  # a collective: every rank
+        if checkpoints:  # rank 0 (or the one process) writes
+            checkpoints.save(model, optimizer, scheduler, progress, seconds, rngs)
 
-    save = save_checkpoint if checkpoints else None
+    save = save_checkpoint if checkpointing else None
     try:
         while progress.epoch <= tc.epochs:
             loss = _run_epoch(
@@ -443,17 +448,27 @@ def _layout(objective: Objective, tc: TrainConfig) -> dict[str, int]:
     return {"train_examples": len(objective.lengths), "steps_per_epoch": steps_per_epoch}
 
 
-def _resume(checkpoints, model, optimizer, scheduler, layout: dict[str, int]) -> Progress:
-    """The progress of the latest checkpoint, loaded into model/optimizer; else a fresh start."""
-    progress = checkpoints.restore(model, optimizer, scheduler) if checkpoints else None
-    if progress is None:
-        return Progress(layout=layout)
-    if progress.layout != layout:  # the run key pins data and config: the code changed
-        raise TrainingError(
-            f"checkpoint in {checkpoints.folder} was written for {progress.layout}, but this "
-            f"run has {layout}; delete {checkpoints.folder} to train this run key from the start"
+def _resume(
+    checkpoints, replicas, model, optimizer, scheduler, layout: dict[str, int]
+) -> tuple[Progress, bool]:
+    """The progress of the latest checkpoint, loaded into model/optimizer (else a fresh
+    start), and whether this run writes checkpoints (rank 0 decides for every replica)."""
+    if replicas:
+        progress, checkpointing = resume_replicas(
+            replicas, checkpoints, model, optimizer, scheduler
         )
-    return progress
+    else:
+        progress = checkpoints.restore(model, optimizer, scheduler) if checkpoints else None
+        checkpointing = checkpoints is not None
+    if progress is None:
+        return Progress(layout=layout), checkpointing
+    if progress.layout != layout:  # the run key pins data and config: the code changed
+        folder = checkpoints.folder if checkpoints else "outputs/checkpoints/<run key>"
+        raise TrainingError(
+            f"checkpoint in {folder} was written for {progress.layout}, but this run has "
+            f"{layout}; delete {folder} to train this run key from the start"
+        )
+    return progress, checkpointing
 
 
 def _optimizer_and_schedule(model: nn.Module, objective: Objective, cfg, device):

@@ -362,7 +362,8 @@ def test_verifying_without_a_remote_says_how_to_add_one(tmp_path):
     root = tracked_project(tmp_path / "project")
     with (root / ".dvc" / "config").open("w") as handle:
         handle.write("[core]\n    analytics = false\n")
-    with pytest.raises(DataError, match=r"(?s)read the default remote.*dvc remote add -d.*dvc remote list"):
+    fix = r"(?s)read the default remote.*dvc remote add -d.*dvc remote list"
+    with pytest.raises(DataError, match=fix):
         verify_remote(root)
 
 

@@ -268,8 +268,8 @@ def test_adalora_resumes_exactly_with_its_rank_allocator(tiny_models, tmp_path, 
     real_save = Checkpoints.save
     at_kill = {}
 
-    def save_then_die(self, model, optimizer, scheduler, progress, seconds):
-        real_save(self, model, optimizer, scheduler, progress, seconds)
+    def save_then_die(self, model, optimizer, scheduler, progress, *rest):
+        real_save(self, model, optimizer, scheduler, progress, *rest)
         if (progress.epoch, progress.step) == kill_at:
             at_kill.update(allocator_state(model))
             raise Killed
@@ -337,6 +337,18 @@ def test_a_corrupted_checkpoint_is_refused_with_the_fix(one_checkpoint, tiny_mod
     (latest / "meta.json").write_text('{"run_key": "key-a", "progr')  # cut short
     with pytest.raises(TrainingError, match="is unreadable"):
         copy.pending()
+
+
+def test_a_checkpoint_resumes_only_under_as_many_processes(one_checkpoint, tiny_models, tmp_path):
+    """Each replica's dropout stream is saved: a different count could not resume exactly."""
+    copy = copy_of(one_checkpoint, tmp_path / "key-a", "key-a")
+    cfg = tiny_run_config(tiny_models["bert"], epochs=1)
+    model, objective = tiny_objective(cfg)
+    optimizer = torch.optim.AdamW(p for p in model.parameters() if p.requires_grad)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    with pytest.raises(TrainingError, match=r"launch of 1 process\(es\); this one has 2") as err:
+        copy.restore(model, optimizer, scheduler, replica=(1, 2))
+    assert "Launch 1 again" in str(err.value) and f"delete {copy.folder}" in str(err.value)
 
 
 def test_a_half_written_checkpoint_is_ignored_and_removed(tmp_path):
