@@ -140,10 +140,13 @@ def _train(model_dir: Path, fields: dict):
     return train_classifier(model, data, data, cfg, tokenizer.pad_token_id), model
 
 
-def _spawn(size: int, *args) -> None:
-    """Start ``size`` replicas; fail (and stop them) if they do not finish in time."""
+def _spawn(size: int, *args, replica=_replica) -> None:
+    """Start ``size`` replicas; fail (and stop them) if they do not finish in time.
+
+    A replica that dies makes ``join`` stop the others and raise ProcessExitedException.
+    """
     context = torch.multiprocessing.start_processes(
-        _replica, args=(size, *args), nprocs=size, join=False, start_method="spawn"
+        replica, args=(size, *args), nprocs=size, join=False, start_method="spawn"
     )
     deadline = time.monotonic() + LAUNCH_TIMEOUT_S
     while not context.join(timeout=5):
@@ -212,16 +215,7 @@ def killed_after(save, name: str):
 
 
 def _spawn_checkpointing(*args) -> None:
-    """Two checkpointing replicas; raises ProcessExitedException when one is killed."""
-    context = torch.multiprocessing.start_processes(
-        _checkpointing_replica, args=(2, *args), nprocs=2, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
-    while not context.join(timeout=5):  # a dead rank makes join stop the other and raise
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"replicas did not finish in {LAUNCH_TIMEOUT_S} s")
+    _spawn(2, *args, replica=_checkpointing_replica)
 
 
 @pytest.mark.slow

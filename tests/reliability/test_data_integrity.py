@@ -367,6 +367,23 @@ def test_verifying_without_a_remote_says_how_to_add_one(tmp_path):
         verify_remote(root)
 
 
+def test_an_unreadable_remote_copy_is_an_error_not_a_mismatch(tmp_path, monkeypatch):
+    """Permissions or the network failing say nothing about the bytes: no repair is offered."""
+    from dvc_objects.fs.local import LocalFileSystem
+
+    root = tracked_project(tmp_path / "project")
+    real_open = LocalFileSystem.open
+
+    def denied(self, path, *args, **kwargs):
+        if ".dvc-storage" in str(path):  # the remote; DVC's own config files stay readable
+            raise PermissionError(13, "Permission denied", path)
+        return real_open(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(LocalFileSystem, "open", denied)
+    with pytest.raises(DataError, match=r"could not read .*Permission denied.*dvc remote list"):
+        verify_remote(root)
+
+
 def test_cli_data_verify_remote(tmp_path):
     root = tracked_project(tmp_path / "project")
     ok = runner.invoke(app, ["data", "verify", "--root", str(root), "--remote"])

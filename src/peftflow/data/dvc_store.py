@@ -377,6 +377,10 @@ def _remote_md5(fs, path: str) -> str | None:
                 digest.update(chunk)
     except FileNotFoundError:
         return None
+    except OSError as err:  # permissions, network: nothing was learnt about the copy
+        raise DataError(
+            f"could not read {fs.unstrip_protocol(path)} ({err}); {REMOTE_FIX}"
+        ) from err
     return digest.hexdigest()
 
 
