@@ -72,16 +72,16 @@ def test_train_variant_runs_carry_the_concurrency_tag():
 
 @task(name="rendezvous")
 def rendezvous(cfg, split_paths, data_md5, report_paths, root, parent_run_id) -> int:
-    """A stand-in for train-variant: how many variants were training when this one began.
+    """A stand-in for train-variant: the most variants it saw training at once.
 
-    It waits (up to a minute) until two variants are training at once, or until every
+    It waits (up to two minutes) until two variants are training at once, or until every
     variant has begun, so a pool of two must hold two at once however slowly it starts.
     """
     folder = Path(root)
     (folder / "started" / cfg).touch()
     (folder / "running" / cfg).touch()
     seen = len(list((folder / "running").iterdir()))
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120  # a second worker process may start slowly
     while time.monotonic() < deadline:
         running = len(list((folder / "running").iterdir()))
         started = len(list((folder / "started").iterdir()))
