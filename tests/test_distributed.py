@@ -16,6 +16,7 @@ import yaml
 
 from peftflow.checkpoint import Checkpoints
 from peftflow.distributed import Replicas, data_parallel, main
+from peftflow.errors import TrainingError
 from peftflow.model_io import build_for_training
 from peftflow.modeling import trained_state
 from peftflow.training import (
@@ -96,6 +97,15 @@ def test_shard_gradients_sum_to_the_one_process_gradient(tiny_models, padding):
     assert torch.allclose(loss0 + loss1, full_loss, atol=1e-6)
     for whole, first, second in zip(full, part0, part1, strict=True):
         assert torch.allclose(first + second, whole, atol=1e-6)
+
+
+def test_resume_failures_of_the_ranks_are_one_error_each_reason_once():
+    from peftflow.distributed import _raise_any
+
+    _raise_any([None, None])  # every rank resumed
+    with pytest.raises(TrainingError) as err:
+        _raise_any(["launch of 1 process(es)", "launch of 1 process(es)", None, "not here"])
+    assert str(err.value) == "ranks 0, 1: launch of 1 process(es); rank 3: not here"
 
 
 def test_module_refuses_to_run_without_a_launcher(tmp_path, monkeypatch, capsys):

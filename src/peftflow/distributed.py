@@ -162,11 +162,24 @@ def resume_replicas(
         try:
             progress = _restore_replica(replicas, mine, folder, model, optimizer, scheduler)
         except TrainingError as err:
-            error = f"rank {replicas.rank}: {err}"
-    failed = [reason for reason in replicas.all_gather(error) if reason]
-    if failed:
-        raise TrainingError("; ".join(failed))
+            error = str(err)
+    _raise_any(replicas.all_gather(error))
     return progress, plan["checkpointing"]
+
+
+def _raise_any(errors: list[str | None]) -> None:
+    """One TrainingError naming the ranks that failed, each distinct reason once."""
+    by_reason: dict[str, list[int]] = {}
+    for rank, reason in enumerate(errors):
+        if reason:
+            by_reason.setdefault(reason, []).append(rank)
+    if by_reason:
+        raise TrainingError(
+            "; ".join(
+                f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}: {reason}"
+                for reason, ranks in by_reason.items()
+            )
+        )
 
 
 def _resume_plan(checkpoints: Checkpoints | None) -> dict:
