@@ -171,9 +171,12 @@ def data_verify(
         with contextlib.redirect_stdout(sys.stderr):  # DVC's progress output
             restored = dvc_store.repair(root, target) if repair else []
             check = dvc_store.verify(root, target)
+            in_remote = None
             if remote and repair:
-                restored += dvc_store.repair_remote(root, target)
-            in_remote = dvc_store.verify_remote(root, target) if remote else None
+                uploaded, in_remote = dvc_store.repair_remote(root, target)
+                restored += uploaded
+            elif remote:
+                in_remote = dvc_store.verify_remote(root, target)
     except PeftflowError as err:
         _fail(err)
     for line in restored:

@@ -295,7 +295,7 @@ def test_the_remote_is_verified_object_by_object(tmp_path):
     assert check.ok and check.n_objects == 3  # the manifest and two files
     assert check.data_md5 == data_md5(root)
     assert Path(check.url) == (root / ".dvc-storage" / "files" / "md5").resolve()
-    assert repair_remote(root) == []
+    assert repair_remote(root) == ([], check)  # nothing to upload: the remote is read once
 
 
 def test_a_rotted_and_a_missing_remote_copy_are_named_and_uploaded_again(tmp_path):
@@ -314,7 +314,8 @@ def test_a_rotted_and_a_missing_remote_copy_are_named_and_uploaded_again(tmp_pat
     assert missing.actual is None and "it is missing" in missing.describe()
     assert str(remote_copy(root, rows)) in next(b.describe() for b in check.bad if b.actual)
 
-    restored = repair_remote(root)
+    restored, final = repair_remote(root)
+    assert final.ok and final.n_objects == 3
     assert sorted(restored) == [
         "manifest.json: remote copy restored from the cache",
         "rows.csv: remote copy restored from the cache",
@@ -329,7 +330,7 @@ def test_a_rotted_remote_manifest_still_lets_every_file_be_checked(tmp_path):
     rot(remote_copy(root, cache_object(root)))
     names = {bad.name for bad in verify_remote(root).bad}
     assert names == {MANIFEST, "rows.csv"}  # files listed by the local manifest instead
-    repair_remote(root)
+    assert repair_remote(root)[1].ok
     assert verify_remote(root).ok
 
 
@@ -340,14 +341,14 @@ def test_data_never_pushed_is_reported_missing_from_the_remote(tmp_path):
     assert check.n_objects == 3  # the files are listed by the local manifest
     assert {bad.name for bad in check.bad} == {MANIFEST, "rows.csv", "manifest.json"}
     assert all(bad.actual is None for bad in check.bad)
-    assert len(repair_remote(root)) == 3 and verify_remote(root).ok
+    assert len(repair_remote(root)[0]) == 3 and verify_remote(root).ok
 
 
 def test_the_remote_only_ever_receives_bytes_that_hash_right(tmp_path):
     root = tracked_project(tmp_path / "project")
     rot(cache_object(root))  # the cache rotted too; data/ still holds the good bytes
     rot(remote_copy(root, cache_object(root)))
-    restored = repair_remote(root)
+    restored, _ = repair_remote(root)
     assert "rows.csv: cache object restored from" in restored[0]
     assert verify(root).ok and verify_remote(root).ok
 
@@ -400,6 +401,7 @@ def test_cli_data_verify_remote(tmp_path):
     repaired = runner.invoke(app, args)
     assert repaired.exit_code == 0, repaired.output
     assert "restored rows.csv: remote copy restored from the cache" in repaired.output
+    assert "3 objects ok" in repaired.output  # the repair's own final verification
 
 
 # --- reproduce ------------------------------------------------------------------------

@@ -301,16 +301,18 @@ def verify_remote(root: Path, target: str = "data") -> RemoteVerification:
         return _verify_remote_version(odb, md5, cache_dir(root))
 
 
-def repair_remote(root: Path, target: str = "data") -> list[str]:
-    """Upload fresh copies of the remote's bad or missing objects; returns what was restored.
+def repair_remote(root: Path, target: str = "data") -> tuple[list[str], RemoteVerification]:
+    """Upload fresh copies of the remote's bad or missing objects.
 
-    The local cache is verified (and repaired from ``<target>/``) first: only bytes
-    that hash to their md5 are ever sent. A bad remote copy is deleted before the
-    upload, since DVC never overwrites an object it finds present.
+    Returns what was restored and the remote's final verification (each object is
+    streamed once more after an upload; never twice when nothing needed one). The
+    local cache is verified (and repaired from ``<target>/``) first: only bytes that
+    hash to their md5 are ever sent. A bad remote copy is deleted before the upload,
+    since DVC never overwrites an object it finds present.
     """
     check = verify_remote(root, target)
     if check.ok:
-        return []
+        return [], check
     workspace = Path(root) / target
     restored = repair_cache(root, check.data_md5, workspace)
     cache = cache_dir(root)
@@ -324,7 +326,8 @@ def repair_remote(root: Path, target: str = "data") -> list[str]:
             f"the remote {check.url} still differs from {target}.dvc after the upload: "
             f"{_listing(final.bad)}; check the remote's free space and permissions"
         )
-    return restored + [f"{bad.name}: remote copy restored from the cache" for bad in check.bad]
+    uploaded = [f"{bad.name}: remote copy restored from the cache" for bad in check.bad]
+    return restored + uploaded, final
 
 
 def _verify_remote_version(odb, md5: str, cache: Path) -> RemoteVerification:
