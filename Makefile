@@ -22,7 +22,7 @@ $(BIN)/peftflow: $(UV) uv.lock pyproject.toml
 	$(UV) sync --frozen --extra dev --python $(PYTHON)
 	@touch $@
 
-# tcmalloc for CPU training (src/peftflow/allocator.py); best effort, checked once per venv.
+# tcmalloc for CPU training (src/peftflow/training/allocator.py); best effort, checked once per venv.
 $(VENV)/.tcmalloc-checked: $(BIN)/peftflow infra/fetch_tcmalloc.sh
 	@bash infra/fetch_tcmalloc.sh $(VENV)/lib
 	@touch $@

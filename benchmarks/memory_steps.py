@@ -1,6 +1,6 @@
 """Peak memory step by step on a CPU: the estimate against the process's RSS, per step.
 
-Builds the model as the training task does (``model_io.build_for_training``, frozen weights
+Builds the model as the training task does (``task.registry.build_for_training``, frozen weights
 stored for autocast), then runs forward / backward / AdamW steps on random ids at the full
 width (B x T, the batch the estimate sizes) and prints, after each step, the RSS, its
 high-water mark since training started, the bytes autograd saved for the backward pass
@@ -39,10 +39,11 @@ def build(args: argparse.Namespace):
     """Model, optimizer and the training task's prediction, as the training task builds them."""
     import torch
 
-    from peftflow.config import parse_config
-    from peftflow.model_io import build_for_training
-    from peftflow.training import make_optimizer, store_frozen_weights_for_autocast
-    from peftflow.training_run import predicted_peak_memory_mb
+    from peftflow.config.loading import parse_config
+    from peftflow.task.registry import build_for_training
+    from peftflow.task.run import predicted_peak_memory_mb
+    from peftflow.training.loop import make_optimizer
+    from peftflow.training.precision import store_frozen_weights_for_autocast
 
     cfg = parse_config(
         {
@@ -63,8 +64,8 @@ def one_step(model, optimizer, args: argparse.Namespace, labels: int) -> tuple[f
     """Forward (saved tensors metered) + backward + AdamW on random ids [B, T]; (seconds, bytes)."""
     import torch
 
-    from peftflow.estimate import SavedTensorMeter
-    from peftflow.training import autocast
+    from peftflow.training.estimate import SavedTensorMeter
+    from peftflow.training.precision import autocast
 
     ids = torch.randint(5, 1000, (args.batch_size, args.max_length))
     started = time.perf_counter()
@@ -81,8 +82,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     import torch
 
     from benchmarks.train_throughput import rss_mb
-    from peftflow.allocator import loaded_allocator
-    from peftflow.training import peak_memory_mb, reset_peak_memory
+    from peftflow.training.allocator import loaded_allocator
+    from peftflow.training.memory import peak_memory_mb, reset_peak_memory
 
     args = parse_args(argv)
     model, optimizer, predicted, labels = build(args)
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 if __name__ == "__main__":
     sys.path[:0] = [str(REPO / "src"), str(REPO)]
-    from peftflow.allocator import reexec_under_tcmalloc
+    from peftflow.training.allocator import reexec_under_tcmalloc
 
     reexec_under_tcmalloc()
     main()

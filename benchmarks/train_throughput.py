@@ -3,8 +3,8 @@
 Both sides train the same model, method, data (tokenised once, identically), batch size
 and number of optimizer steps; the first ``--warmup`` steps are excluded from timing.
 
-- ``ours``: ``peftflow.training.train_model`` with ``classification_objective``, the model
-  built by ``model_io.build_for_training`` exactly as ``training_run.run_training`` builds
+- ``ours``: ``peftflow.training.loop.train_model`` with ``classification_objective``, the model
+  built by ``task.registry.build_for_training`` exactly as ``task.run.train_and_evaluate`` builds
   it (only the end-of-epoch validation is replaced by a constant, as the baseline does
   no evaluation either).
 - ``trainer``: ``AutoModelForSequenceClassification`` (+ ``get_peft_model(LoraConfig(
@@ -121,7 +121,7 @@ def load_texts(
 
 def make_config(args: argparse.Namespace):
     """The experiment config both sides train: one epoch of (warmup + steps) batches."""
-    from peftflow.config import parse_config
+    from peftflow.config.loading import parse_config
 
     return parse_config(
         {
@@ -154,7 +154,7 @@ def n_examples(args: argparse.Namespace) -> int:
 
 def encoded_data(cfg, tokenizer, args: argparse.Namespace):
     """The training split, tokenised once with peftflow's ``encode`` (shared by both sides)."""
-    from peftflow.training import encode
+    from peftflow.data.encoding import encode
 
     texts, labels, source = load_texts(
         n_examples(args), args.seed, list(cfg.data.labels), args.data
@@ -176,10 +176,10 @@ def peak_memory(device) -> tuple[float, str]:
     """The peak since training started, read as the training task reads it.
 
     CUDA: ``max_memory_allocated`` (tensors only). CPU: the process's RSS high-water mark,
-    reset when training starts (``peftflow.training.reset_peak_memory``), so model loading
+    reset when training starts (``peftflow.training.memory.reset_peak_memory``), so model loading
     and tokenisation before it are not charged to training.
     """
-    from peftflow.training import peak_memory_mb
+    from peftflow.training.memory import peak_memory_mb
 
     kind = "cuda_max_allocated" if device.type == "cuda" else "process_peak_rss"
     return peak_memory_mb(device), kind
@@ -229,7 +229,7 @@ def peak_tflops(args: argparse.Namespace, device) -> float | None:
 
 def finish(args, device, model, seconds, real, padded, baseline_rss) -> dict:
     """The metrics of one timed run."""
-    from peftflow.modeling import count_parameters
+    from peftflow.models.backbone import count_parameters
 
     trainable, total = count_parameters(model)
     n_matmul = matmul_params(model)
@@ -271,13 +271,14 @@ def _threads() -> int:
 
 
 def run_ours(args: argparse.Namespace) -> dict:
-    """peftflow's loop, built as ``training_run.run_training`` builds it; warmup untimed."""
+    """peftflow's loop, built as ``task.run.train_and_evaluate`` builds it; warmup untimed."""
     import torch
 
     import peftflow  # noqa: F401  (offline switches)
-    from peftflow.model_io import build_for_training
-    from peftflow.training import classification_objective, train_model
-    from peftflow.training_run import predicted_peak_memory_mb
+    from peftflow.task.classification import classification_objective
+    from peftflow.task.registry import build_for_training
+    from peftflow.task.run import predicted_peak_memory_mb
+    from peftflow.training.loop import train_model
 
     baseline_rss = rss_mb()
     cfg = make_config(args)
@@ -334,9 +335,9 @@ def run_trainer(args: argparse.Namespace) -> dict:
     )
 
     import peftflow  # noqa: F401  (offline switches)
-    from peftflow.assets import resolve_model
-    from peftflow.modeling import load_tokenizer
-    from peftflow.training import reset_peak_memory
+    from peftflow.models.assets import resolve_model
+    from peftflow.models.backbone import load_tokenizer
+    from peftflow.training.memory import reset_peak_memory
 
     baseline_rss = rss_mb()
     cfg = make_config(args)
@@ -431,11 +432,11 @@ def _baseline_method(model, cfg):
     """The method on the stock model: peft LoRA (SEQ_CLS), or freezing for full/last_block."""
     from peft import LoraConfig, TaskType, get_peft_model
 
-    from peftflow.peft_methods import LORA_TARGETS
+    from peftflow.models.methods.peft_based import LORA_TARGETS
 
     name = cfg.method.name
     if name == "lora":
-        lora = cfg.method.lora
+        lora = cfg.method  # LoRA settings: r, alpha, dropout
         return get_peft_model(
             model,
             LoraConfig(
@@ -449,7 +450,7 @@ def _baseline_method(model, cfg):
     if name == "full":
         return model
     if name == "last_block":
-        from peftflow.modeling import final_norm, transformer_blocks
+        from peftflow.models.backbone import final_norm, transformer_blocks
 
         backbone = model.base_model
         for param in model.parameters():
@@ -480,7 +481,7 @@ def machine_info(device_request: str) -> dict:
     import torch
     import transformers
 
-    from peftflow.allocator import loaded_allocator
+    from peftflow.training.allocator import loaded_allocator
 
     cpu = "unknown"
     try:
@@ -718,7 +719,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(REPO / "src"))
-    from peftflow.allocator import reexec_under_tcmalloc
+    from peftflow.training.allocator import reexec_under_tcmalloc
 
     reexec_under_tcmalloc()  # as the peftflow command does; both sides inherit the allocator
     main()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from peftflow.tracking import resolve_tracking_uri
+from peftflow.tracking.runs import resolve_tracking_uri
 from tasks import registry
 
 

@@ -1,7 +1,7 @@
 """The scheduled refresh: re-ingest -> only if the DVC md5 is new: every variant's finetune flow.
 
 Deployed from ``prefect.yaml`` with a nightly cron; the logic (the md5 comparison, the
-state kept as an MLflow run of kind ``refresh``) is in :mod:`peftflow.refresh`.
+state kept as an MLflow run of kind ``refresh``) is in :mod:`peftflow.pipeline.refresh`.
 """
 
 from __future__ import annotations
@@ -11,8 +11,10 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from flows.finetune import finetune
-from peftflow.refresh import plan_refresh, run_refresh
-from tasks import data
+from peftflow.pipeline.definition import FULL, run
+from peftflow.pipeline.refresh import plan_refresh, run_refresh
+from peftflow.pipeline.results import RunContext
+from tasks.stages import run_as_task
 
 
 @flow(name="refresh")
@@ -29,10 +31,11 @@ def refresh(
     """
     base = Path(root).resolve()
     plan = plan_refresh(config_paths, base)
+    ctx = RunContext(plan.reference, base, remote_url)
     return run_refresh(
         plan,
         base,
-        ingest=lambda: data.ingest(plan.reference, base, remote_url),
+        ingest=lambda: run(FULL.only("ingest"), ctx, call=run_as_task).ingested,
         train_variant=lambda path, ingested: finetune(
             config_path=path, root=str(base), remote_url=remote_url, ingested=ingested
         ),

@@ -1,30 +1,33 @@
-"""A study: shared ingest, checks and split -> baseline -> every variant nested -> report.
+"""A study: the pipeline's data stages once -> baseline once -> every variant nested -> report.
 
-Variants train one after another, or with ``max_parallel`` > 1 (study YAML, flow
-parameter or ``peftflow study --max-parallel``) as concurrent task runs in a
-process pool of that size: each variant in its own process (own torch RNG, own
-share of the CPU threads, own GPU when the host has several), its own MLflow run
-and its own outputs folder. Results keep the plan's order either way.
+Every variant runs the pipeline (peftflow.pipeline.definition.variant_pipeline) on the
+study's data, split and checks, under the study's MLflow run. Variants train one after
+another, or with ``max_parallel`` > 1 (study YAML, flow parameter or ``peftflow study
+--max-parallel``) as concurrent task runs in a process pool of that size: each variant
+in its own process (own torch RNG, own share of the CPU threads, own GPU when the host
+has several), its own MLflow run and its own outputs folder. Results keep the plan's
+order either way.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
-from prefect import flow, get_client, get_run_logger
+from prefect import Task, flow, get_client, get_run_logger
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import State
 from prefect.task_runners import ProcessPoolTaskRunner
 
-from peftflow.report import ReportHeader
-from peftflow.study import (
+from peftflow.config import dotted
+from peftflow.pipeline.definition import DATA_STAGES, FULL, run, variant_pipeline
+from peftflow.pipeline.results import PipelineState, RunContext
+from peftflow.pipeline.study import (
+    StudyOutcome,
     StudyPlan,
     StudyVariant,
     baseline_result,
-    dotted,
     parent_run,
     plan_study,
     tokeniser_groups,
@@ -32,8 +35,12 @@ from peftflow.study import (
     variant_parallelism,
     variant_result,
 )
-from tasks import data, train
+from peftflow.reporting.study_report import ReportHeader
 from tasks import study as study_tasks
+from tasks.stages import STAGE_TASKS, run_as_task
+
+# A variant ready to train: its training stage's task and that task's parameters.
+Job = tuple[Task, dict]
 
 
 @flow(name="study")
@@ -44,7 +51,7 @@ def study(
     force: bool = False,
     remote_url: str | None = None,
     max_parallel: int | None = None,
-) -> dict:
+) -> StudyOutcome:
     """Run a study YAML; every variant is validated before any data is touched.
 
     ``max_parallel`` (default: the study's own, else one variant at a time, or one
@@ -54,134 +61,112 @@ def study(
     parallel = variant_parallelism(
         plan.study.max_parallel if max_parallel is None else max_parallel
     )
-    base = Path(root).resolve()
-    ingested = data.ingest(plan.reference, base, remote_url)
-    md5 = ingested["data_md5"]
+    ctx = RunContext(
+        plan.reference, Path(root).resolve(), remote_url, reports_name=f"study-{plan.study.name}"
+    )
+    data = run(FULL.only(*DATA_STAGES), ctx, call=run_as_task)
     command = command or f"study(study_path={study_path!r}, root={root!r})"
-    with parent_run(plan, md5, base, command) as parent:
-        split_paths, checks = _shared_data_checks(plan, ingested, base)
-        baseline = study_tasks.baseline(plan.reference, split_paths, md5, base, parent.run_id)
-        shared = SharedInputs(split_paths, md5, checks, base, parent.run_id)
-        results = _run_variants(plan.variants, shared, force, parallel)
-        header = ReportHeader(
-            study=plan.study.name,
-            command=command,
-            description=plan.study.description,
-            budget=dotted(plan.study.budget),
-            skipped_methods=plan.skipped_methods,
-        )
-        out_dir = base / "reports" / plan.study.name
-        paths = study_tasks.report(header, results, baseline_result(baseline), out_dir)
+    with parent_run(plan, data.data_md5, ctx.root, command) as parent:
+        ctx = ctx.but(parent_run_id=parent.run_id)
+        checked = _tokenisation_checks(plan, ctx, data)
+        baseline = run(FULL.only("baseline"), ctx, data, call=run_as_task).baseline
+        rows = _run_variants(plan.variants, ctx, checked, force, parallel)
+        paths = _report(plan, command, rows, baseline, ctx.root / "reports" / plan.study.name)
         for path in paths:
             parent.log_artifact(path, "report")
-        failed = [row["variant"] for row in results if row["status"] == "failed"]
+        failed = [row["variant"] for row in rows if row["status"] == "failed"]
         parent.set_tags(
             {
                 "peftflow.failed_variants": ",".join(failed) or "none",
                 "peftflow.max_parallel": str(parallel),
             }
         )
+    return StudyOutcome(
+        plan.study.name, parent.run_id, data.data_md5, baseline, rows, paths, failed, parallel
+    )
+
+
+def _tokenisation_checks(
+    plan: StudyPlan, ctx: RunContext, data: PipelineState
+) -> dict[str, PipelineState]:
+    """The shared results plus one tokenisation check per tokeniser (the raw-data suite gated
+    the ingest, and variants share the data section, so it holds for all)."""
     return {
-        "study": plan.study.name,
-        "parent_run_id": parent.run_id,
-        "data_md5": md5,
-        "baseline": baseline,
-        "results": results,
-        "report_paths": paths,
-        "failed": failed,
-        "max_parallel": parallel,
+        key: run(
+            FULL.only("check-tokenisation"),
+            ctx.but(cfg=config, reports_name=f"{ctx.reports_name}-{key}"),
+            data,
+            call=run_as_task,
+        )
+        for key, config in tokeniser_groups(plan).items()
     }
 
 
-def _shared_data_checks(
-    plan: StudyPlan, ingested: dict, base: Path
-) -> tuple[dict[str, str], dict[str, list[str]]]:
-    """One split and leakage check, one tokenisation check per tokeniser (the raw-data
-    suite gated the ingest: variants share the data section, so it holds for all).
-
-    Returns the split paths and, per tokeniser key, the check reports its variants log.
-    """
-    reference, md5 = plan.reference, ingested["data_md5"]
-    reports = base / "outputs" / "reports" / f"study-{plan.study.name}-{md5}"
-    splits = data.split(reference, ingested["table_path"], md5, base)
-    leakage = data.validate_splits(splits["paths"], reports)
-    shared = ingested["raw_report_paths"] + leakage["report_paths"]
-    checks = {}
-    for key, config in tokeniser_groups(plan).items():
-        tokens = data.check_tokenisation(config, splits["paths"], reports / key)
-        checks[key] = shared + tokens["report_paths"]
-    return splits["paths"], checks
-
-
-@dataclass(frozen=True)
-class SharedInputs:
-    """What every variant's training gets from the study: data, checks, parent run."""
-
-    split_paths: dict[str, str]
-    data_md5: str
-    checks: dict[str, list[str]]  # report paths per tokeniser key
-    root: Path
-    parent_run_id: str
-
-    def train_parameters(self, variant: StudyVariant) -> dict:
-        """The train-variant task's parameters for ``variant``."""
-        return {
-            "cfg": variant.config,
-            "split_paths": self.split_paths,
-            "data_md5": self.data_md5,
-            "report_paths": self.checks[tokeniser_key(variant.config)],
-            "root": self.root,
-            "parent_run_id": self.parent_run_id,
-        }
+def _report(plan: StudyPlan, command: str, rows, baseline, out_dir: Path) -> list[str]:
+    header = ReportHeader(
+        study=plan.study.name,
+        command=command,
+        description=plan.study.description,
+        budget=dotted(plan.study.budget),
+        skipped_methods=plan.skipped_methods,
+    )
+    return study_tasks.report(header, rows, baseline_result(baseline), out_dir)
 
 
 def _run_variants(
-    variants: tuple[StudyVariant, ...], shared: SharedInputs, force: bool, parallel: int
+    variants: tuple[StudyVariant, ...],
+    ctx: RunContext,
+    checked: dict[str, PipelineState],
+    force: bool,
+    parallel: int,
 ) -> list[dict]:
     """Every variant's row, in plan order: cached ones reused, the rest trained.
 
-    A failure is recorded in its row, never fatal to the study.
+    Each variant runs its pipeline up to training here (preflight, the run-key cache);
+    the training stages then run one by one, or side by side in a process pool. A
+    failure is recorded in its row, never fatal to the study.
     """
-    rows: list[dict | None] = [_cached_row(v, shared, force) for v in variants]
-    todo = [i for i, row in enumerate(rows) if row is None]
-    if parallel > 1 and len(todo) > 1:
-        states = _train_concurrently([variants[i] for i in todo], shared, parallel)
+    jobs: dict[int, Job] = {}
+    rows: list[dict | None] = []
+    for i, variant in enumerate(variants):
+        cfg = variant.config
+        pipeline = variant_pipeline(cfg, force)
+        vctx = ctx.but(cfg=cfg, reports_name=None)
+        before = run(
+            pipeline.before(_training(pipeline)), vctx, checked[tokeniser_key(cfg)], run_as_task
+        )
+        if before.trained is not None:  # this run key already trained
+            rows.append(variant_result(variant, before.trained))
+            continue
+        rows.append(None)
+        jobs[i] = (STAGE_TASKS[_training(pipeline)], {"ctx": vctx, "state": before})
+    if parallel > 1 and len(jobs) > 1:
+        outcomes = _train_concurrently(list(jobs.values()), parallel)
     else:
-        states = [_train_here(variants[i], shared) for i in todo]
-    for i, state in zip(todo, states, strict=True):
-        rows[i] = _row(variants[i], state)
+        outcomes = [_train_here(*job) for job in jobs.values()]
+    for i, outcome in zip(jobs, outcomes, strict=True):
+        rows[i] = _row(variants[i], outcome)
     return rows
 
 
-def _cached_row(variant: StudyVariant, shared: SharedInputs, force: bool) -> dict | None:
-    """The row of a variant whose run key already trained (nothing to train), else None."""
-    cfg = variant.config
-    cached = None if force else train.find_cached_run(cfg, shared.data_md5, shared.root)
-    if not cached:
-        return None
-    get_run_logger().info("variant %s: run key already trained as run %s", variant.name, cached)
-    return variant_result(variant, train.cached_run_summary(cfg, cached, shared.root))
+def _training(pipeline) -> str:
+    """The name of the pipeline's training stage (one process, or data-parallel)."""
+    return pipeline.names[-1]
 
 
-def _train_here(variant: StudyVariant, shared: SharedInputs) -> State | BaseException:
+def _train_here(task: Task, parameters: dict) -> State | BaseException:
     """Train one variant in the flow's own process (max_parallel 1)."""
-    task = study_tasks.train_variant
-    return task(**shared.train_parameters(variant), return_state=True)
+    return task(**parameters, return_state=True)
 
 
-def _train_concurrently(
-    variants: list[StudyVariant], shared: SharedInputs, parallel: int
-) -> list[State | BaseException]:
-    """Submit every variant to a pool of ``parallel`` processes; their final states, in order."""
-    workers = min(parallel, len(variants))
-    get_run_logger().info("training %d variants, %d at a time", len(variants), workers)
+def _train_concurrently(jobs: list[Job], parallel: int) -> list[State | BaseException]:
+    """Submit every job to a pool of ``parallel`` processes; their final states, in order."""
+    workers = min(parallel, len(jobs))
+    get_run_logger().info("training %d variants, %d at a time", len(jobs), workers)
     setup = study_tasks.worker_setup_args(workers)
     runner = ProcessPoolTaskRunner(workers, initializer=study_tasks.setup_worker, initargs=setup)
     with _api_for_workers(), runner as pool:
-        futures = [
-            pool.submit(study_tasks.train_variant, shared.train_parameters(variant))
-            for variant in variants
-        ]
+        futures = [pool.submit(task, parameters) for task, parameters in jobs]
         return [_final_state(future) for future in futures]
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Put libtcmalloc_minimal.so.4 into DEST (the virtual environment's lib/), where
-# peftflow.allocator finds it: CPU training then keeps its RSS near the memory it uses
+# peftflow.training.allocator finds it: CPU training then keeps its RSS near the memory it uses
 # (glibc malloc fragments: see src/peftflow/allocator.py for the measurements).
 # Best effort: without apt (or offline) training runs with glibc malloc, as before.
 set -uo pipefail

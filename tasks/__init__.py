@@ -1,1 +1,1 @@
-"""Prefect tasks: thin wrappers over :mod:`peftflow.pipeline` adding retries and timeouts."""
+"""Prefect tasks: thin wrappers over the pipeline's stages, adding retries, timeouts and caching."""

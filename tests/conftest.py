@@ -258,3 +258,37 @@ def mlflow_server(mlflow_server_dir: Path) -> Iterator[str]:
     with background(command, env, mlflow_server_dir, log_path) as process:
         wait_healthy(f"{url}/health", process, log_path, MLFLOW_SERVER_STARTUP_TIMEOUT_S)
         yield url
+
+
+# Small settings for every method (each method takes the ones it has): fast tiny-model runs.
+TINY_METHOD_SETTINGS = {
+    "r": 4,
+    "alpha": 8,
+    "dropout": 0.0,
+    "num_virtual_tokens": 4,
+    "encoder_hidden_size": 16,
+    "bottleneck": 8,
+    "init_r": 6,
+    "target_r": 2,
+    "delta_t": 2,
+}
+
+
+def tiny_method(name: str, **settings) -> dict:
+    """The ``method`` section of a config: ``name`` with the small settings it has."""
+    from peftflow.config import METHOD_SETTINGS
+
+    fields = METHOD_SETTINGS[name].model_fields
+    small = {k: v for k, v in TINY_METHOD_SETTINGS.items() if k in fields}
+    if name == "vera":
+        small["r"] = 16  # VeRA's shared projections want a larger rank
+    return {"name": name, **small, **settings}
+
+
+def train_classifier(model, train, val, cfg, pad_id, on_epoch=None, checkpoints=None):
+    """Train a classifier on encoded splits: the classification objective through the loop."""
+    from peftflow.task.classification import classification_objective
+    from peftflow.training.loop import train_model
+
+    objective = classification_objective(train, val, cfg, pad_id)
+    return train_model(model, objective, cfg, on_epoch, checkpoints)

@@ -13,10 +13,10 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from peftflow.config import load_config
+from peftflow.config.loading import load_config
 from tests.conftest import build_tiny_model_dir, synthetic_spam_table
+from tests.pipeline.test_flow_integration import make_project
 from tests.servers import background, free_port, tail, wait_healthy
-from tests.test_flow_integration import make_project
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT_YAML = REPO / "prefect.yaml"

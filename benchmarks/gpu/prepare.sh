@@ -16,7 +16,7 @@ $PY - <<'PY'
 import shutil
 from pathlib import Path
 
-from peftflow.assets import resolve_model
+from peftflow.models.assets import resolve_model
 
 source = Path(resolve_model("smollm2-135m").location)
 target = Path(".gpu/models/smollm2-135m")

@@ -37,7 +37,7 @@ FIT=$("$PY" - "$MODEL" "$TARGET_GIB" <<'PY'
 import sys
 
 from peftflow.config import parse_config
-from peftflow.estimate import estimate_config
+from peftflow.task.memory import estimate_config
 
 model, target = sys.argv[1], float(sys.argv[2]) * 2**30
 def estimate(batch):

@@ -2,7 +2,13 @@
 
 Everything here is plain Python (torch, transformers, peft, MLflow, DVC, Great
 Expectations). Prefect lives only in the top-level ``tasks/`` and ``flows/``
-packages, which wrap these functions.
+packages, which wrap these functions. The packages follow the data's path, each
+importing only those before it (tests/test_architecture.py holds them to it):
+
+    config -> data -> checks -> models -> training -> evaluation -> tracking -> task
+    -> serving -> reporting -> pipeline -> cli
+
+Depends on: nothing in peftflow beyond env.
 """
 
 from peftflow.env import set_offline_env
@@ -10,10 +16,3 @@ from peftflow.env import set_offline_env
 __version__ = "0.1.0"
 
 set_offline_env()
-
-
-def pyfunc_entry_path() -> str:
-    """The models-from-code file MLflow logs for peftflow classifiers."""
-    from pathlib import Path
-
-    return str(Path(__file__).with_name("pyfunc_entry.py"))

@@ -3,6 +3,8 @@
 Every entry point (the CLI, the flows, the tests) imports :mod:`peftflow`,
 which calls :func:`set_offline_env` once. Values already set by the user win,
 so an online user can export ``HF_HUB_OFFLINE=0`` to use hub ids.
+
+Depends on: nothing in peftflow.
 """
 
 from __future__ import annotations

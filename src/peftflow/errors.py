@@ -1,4 +1,7 @@
-"""Exceptions whose message tells the user what went wrong and what to do."""
+"""Exceptions whose message tells the user what went wrong and what to do.
+
+Depends on: nothing in peftflow.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""Writing folders so a crash never leaves half of one behind."""
+"""Writing files and folders so a crash never leaves half of one behind.
+
+Depends on: nothing in peftflow.
+"""
 
 from __future__ import annotations
 
@@ -28,3 +31,17 @@ def atomic_folder(target: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    """Write via a temp file in the same folder so a crash never leaves half a file."""
+    fd, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.chmod(staging, 0o644)  # mkstemp makes it owner-only; reports are for everyone
+        os.replace(staging, path)
+    except BaseException:
+        Path(staging).unlink(missing_ok=True)
+        raise
+    return path

@@ -4,6 +4,8 @@ A run is only reproducible from its commit when the working tree was clean,
 so both the commit and the dirty flag are recorded. Outside a git checkout (an
 installed wheel, a container without ``.git``) neither is knowable, and that
 must not stop a training run: the answers degrade to "unknown" / ``False``.
+
+Depends on: nothing in peftflow.
 """
 
 from __future__ import annotations

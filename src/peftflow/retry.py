@@ -7,6 +7,8 @@ nothing about the request itself, so the call is tried again after a short, jitt
 growing pause; any other error (a missing model, a bad value, a refused permission) is
 raised at once. The number of attempts is bounded, so a registry that stays down stops the
 caller with an error that names the operation and the fix.
+
+Depends on: nothing in peftflow.
 """
 
 from __future__ import annotations

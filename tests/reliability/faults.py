@@ -1,6 +1,6 @@
 """Helpers for the training-fault tests, and the child process that is killed mid-epoch.
 
-``python -m tests.reliability.faults RUN.json`` runs ``pipeline.train_stage`` for the
+``python -m tests.reliability.faults RUN.json`` runs the pipeline's train stage for the
 config, splits and root in RUN.json and SIGKILLs itself while it writes the checkpoint
 named ``kill_while_writing`` (after its first tensor file, before the rest): the
 harshest place to die, leaving a complete previous checkpoint and a half-written one.
@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from peftflow.config import ExperimentConfig, parse_config
+from peftflow.config.experiment import ExperimentConfig
+from peftflow.config.loading import parse_config
 from tests.conftest import synthetic_spam_table
 
 DATA_MD5 = "0123456789abcdef0123456789abcdef"  # stands in for the DVC md5 of the data
@@ -46,6 +47,17 @@ def tiny_run_config(
             },
         }
     )
+
+
+def train_stage(cfg: ExperimentConfig, split_paths: dict[str, str], root: Path):
+    """The pipeline's train stage on ready splits (as a flow runs it after the data checks)."""
+    from peftflow.pipeline import stages
+    from peftflow.pipeline.results import Ingested, PipelineState, RunContext, SplitResult
+
+    state = PipelineState(
+        ingested=Ingested(DATA_MD5, "", 0, {}, "test"), split=SplitResult(split_paths, {})
+    )
+    return stages.train(RunContext(cfg, Path(root)), state)
 
 
 def with_tracking(cfg: ExperimentConfig, tracking_uri: str) -> ExperimentConfig:
@@ -119,7 +131,7 @@ def infinite_gradient_at(objective, bad_call: int):
 def trainable_weights(model_dir: str | Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    from peftflow.model_io import WEIGHTS_FILE
+    from peftflow.models.saved import WEIGHTS_FILE
 
     return load_file(str(Path(model_dir) / WEIGHTS_FILE))
 
@@ -129,7 +141,7 @@ def trainable_weights(model_dir: str | Path) -> dict[str, torch.Tensor]:
 
 def _die_while_writing(checkpoint_name: str) -> None:
     """SIGKILL this process after the first tensor file of ``checkpoint_name`` is written."""
-    from peftflow import checkpoint
+    from peftflow.training import checkpoint
 
     real_save_file = checkpoint.save_file
 
@@ -142,12 +154,10 @@ def _die_while_writing(checkpoint_name: str) -> None:
 
 
 def main(run_file: str) -> None:
-    from peftflow import pipeline
-
     run = json.loads(Path(run_file).read_text())
     cfg = ExperimentConfig.model_validate(run["config"])
     _die_while_writing(run["kill_while_writing"])
-    pipeline.train_stage(cfg, run["split_paths"], DATA_MD5, [], Path(run["root"]))
+    train_stage(cfg, run["split_paths"], Path(run["root"]))
     sys.exit("the training process was meant to be killed but finished")
 
 

@@ -14,11 +14,12 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from peftflow.cli import app
-from peftflow.config import parse_config
+from peftflow.cli.main import app
+from peftflow.config.loading import parse_config
 from peftflow.errors import ConfigError
-from peftflow.methods import METHODS
-from peftflow.preflight import facts_from_config, model_facts, preflight
+from peftflow.models.facts import facts_from_config, model_facts
+from peftflow.models.methods.registry import METHODS
+from peftflow.task.preflight import preflight
 from tests.conftest import minilm_folder, synthetic_spam_table
 
 runner = CliRunner()
@@ -45,13 +46,11 @@ def test_unknown_method_lists_every_registry_method():
 
 def test_unknown_option_names_the_closest_field_and_lists_the_valid_ones():
     with pytest.raises(ConfigError) as err:
-        parse_config(
-            config("minilm", train={"epochz": 2}, method={"name": "lora", "lora": {"rr": 4}})
-        )
+        parse_config(config("minilm", train={"epochz": 2}, method={"name": "lora", "rr": 4}))
     message = str(err.value)
     assert "train.epochz: unknown field; did you mean 'epochs'?" in message
     assert "valid fields here: batch_size," in message
-    assert "method.lora.rr: unknown field; did you mean 'r'?" in message
+    assert "method.rr: unknown field; did you mean 'r'?" in message
 
 
 def test_method_for_another_task_is_refused_when_parsed():
@@ -115,8 +114,19 @@ def test_generation_prompt_tuning_on_gpt2_is_refused_before_any_work(tiny_models
             model={"padding_side": "left"},
         )
     )
-    with pytest.raises(ConfigError, match="left-padded on gpt2"):
+    with pytest.raises(ConfigError, match="prompt_tuning.* on gpt2.*left-padded"):
         preflight(cfg, cuda_available=False)
+
+
+def test_virtual_token_methods_on_gpt2_are_refused_only_when_left_padded(tiny_models):
+    """A classifier left-padded on GPT-2's learned positions has the same problem as a
+    generator: the virtual tokens' positions would count the pads."""
+    left = {"padding_side": "left"}
+    refused = parse_config(config(tiny_models["gpt2"], method={"name": "p_tuning"}, model=left))
+    with pytest.raises(ConfigError, match="p_tuning.* on gpt2.*left-padded"):
+        preflight(refused, cuda_available=False)
+    right = parse_config(config(tiny_models["gpt2"], method={"name": "p_tuning"}))
+    assert preflight(right, cuda_available=False).model_type == "gpt2"
 
 
 def write_project(root: Path, cfg: dict) -> Path:

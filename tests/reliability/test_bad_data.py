@@ -23,8 +23,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from peftflow.data.split import split_dataset
 from peftflow.errors import DataCheckError, DataError, IntegrityError
-from peftflow.split import split_dataset
 from tests.conftest import synthetic_spam_table
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
@@ -151,7 +151,7 @@ def write_project(root: Path, model_dir: Path) -> Path:
         "seed": 5,
         "data": {"source": "table", "path": str(root / "messages.csv"), "min_class_fraction": 0.1},
         "model": {"name": str(model_dir), "max_length": 32},
-        "method": {"name": "lora", "lora": {"r": 2, "alpha": 4}},
+        "method": {"name": "lora", "r": 2, "alpha": 4},
         "train": {"epochs": 1, "batch_size": 16, "lr": 5e-3, "progress": False},
         "tracking": {
             "experiment": "guarded",
@@ -200,7 +200,7 @@ def trained_project(prefect_server, tiny_models, tmp_path_factory) -> tuple[Path
     root = tmp_path_factory.mktemp("guarded") / "project"
     config = write_project(root, tiny_models["bert"])
     result = finetune(config_path=str(config), root=str(root), run_baseline=False)
-    assert result["promotion"]["promoted"] is True
+    assert result.promotion.promoted is True
     return root, config
 
 
@@ -248,8 +248,8 @@ def test_a_rejected_table_keeps_its_report_beside_the_tracked_data(trained_proje
 
 def test_the_split_never_leaks_a_text_across_splits():
     """Near-duplicates (case, whitespace) and conflicting labels never straddle two splits."""
-    from peftflow.checks import validate_splits
-    from peftflow.config import SplitConfig
+    from peftflow.checks.split_integrity import validate_splits
+    from peftflow.config.sections import SplitConfig
 
     table = synthetic_spam_table(240)
     echoes = table.iloc[:40].assign(
@@ -268,7 +268,7 @@ def test_the_split_never_leaks_a_text_across_splits():
 
 def test_leaking_splits_stop_the_flow_before_training(trained_project, monkeypatch):
     """If a split ever leaked (a bug, a hand-made split), the leakage suite stops the flow."""
-    import peftflow.split as splitting
+    import peftflow.data.split as splitting
     from flows.finetune import finetune
 
     root, config = trained_project

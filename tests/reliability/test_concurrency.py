@@ -32,19 +32,24 @@ from mlflow.protos.databricks_pb2 import BAD_REQUEST, TEMPORARILY_UNAVAILABLE
 
 from peftflow import retry
 from peftflow.errors import RegistryError
-from peftflow.locks import LOCK_TAG, LockTimeout, RegistryLock, is_lock_model, lock_model_name
-from peftflow.registry import (
+from peftflow.retry import retry_transient
+from peftflow.tracking.locks import (
+    LOCK_TAG,
+    LockTimeout,
+    RegistryLock,
+    is_lock_model,
+    lock_model_name,
+)
+from peftflow.tracking.promotion import (
     DECISION_TAG,
     GATE_TAGS,
-    log_and_register_model,
     promote,
     promote_if_better,
-    register_version,
     rollback,
 )
-from peftflow.retry import retry_transient
-from peftflow.tracking import RunTracker, ensure_experiment
-from tests.test_registry import KeywordModel
+from peftflow.tracking.registration import log_and_register_model, register_version
+from peftflow.tracking.runs import RunTracker, ensure_experiment
+from tests.tracking.test_registry import KeywordModel
 
 N = 6
 # test_f1 of run i: the best (0.90) is neither first nor last, and no two are equal.
@@ -134,7 +139,8 @@ CHILD_PRELUDE = """
 import dataclasses, json, sys, time
 from pathlib import Path
 from mlflow import MlflowClient
-from peftflow.registry import promote, register_version
+from peftflow.tracking.promotion import promote
+from peftflow.tracking.registration import register_version
 *args, ready, go = sys.argv[1:]
 Path(ready).touch()
 while not Path(go).exists():

@@ -19,37 +19,35 @@ import pytest
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
-from peftflow import pipeline
-from peftflow.cli import app
-from peftflow.config import ExperimentConfig, load_config, parse_config
-from peftflow.data.dvc_store import (
+from peftflow.cli.main import app
+from peftflow.config.experiment import ExperimentConfig
+from peftflow.config.loading import load_config, parse_config
+from peftflow.data.dvc_integrity import (
     ASIDE_SUFFIX,
     MANIFEST,
-    cache_dir,
     checkout_version,
-    data_md5,
-    ensure_dvc_repo,
     file_md5,
-    pull,
-    push,
     repair,
     repair_cache,
     repair_remote,
-    track,
     verify,
     verify_remote,
 )
+from peftflow.data.dvc_repo import cache_dir, data_md5
+from peftflow.data.dvc_store import ensure_dvc_repo, pull, push, track
 from peftflow.errors import ConfigError, DataError, PeftflowError
-from peftflow.reproduce import (
+from peftflow.pipeline import definition
+from peftflow.pipeline.reproduce import (
+    CONFIG_ARTIFACT,
     CONFIG_HASH_TAG,
     REPRODUCES_TAG,
     Reproduction,
     compare_metrics,
-    log_config,
     reproduce,
     run_config,
 )
-from peftflow.tracking import RunTracker, standard_tags
+from peftflow.pipeline.results import RunContext
+from peftflow.tracking.runs import RunResult, RunTracker, standard_tags
 from tests.conftest import synthetic_spam_table
 
 runner = CliRunner()
@@ -417,7 +415,7 @@ def experiment(root: Path, model_dir: Path, table: pd.DataFrame) -> ExperimentCo
             "seed": 3,
             "data": {"source": "table", "path": str(source), "min_class_fraction": 0.1},
             "model": {"name": str(model_dir), "max_length": 32},
-            "method": {"name": "lora", "lora": {"r": 4, "alpha": 8}},
+            "method": {"name": "lora", "r": 4, "alpha": 8},
             "train": {"epochs": 2, "batch_size": 16, "lr": 5e-2, "progress": False},
             "tracking": {
                 "experiment": "reproduce",
@@ -428,17 +426,10 @@ def experiment(root: Path, model_dir: Path, table: pd.DataFrame) -> ExperimentCo
     )
 
 
-def train_once(cfg: ExperimentConfig, root: Path) -> dict:
+def train_once(cfg: ExperimentConfig, root: Path) -> RunResult:
     """What `peftflow run` does up to training: ingest (DVC add + push), checks, split, train."""
-    ingested = pipeline.ingest_stage(cfg, root)
-    md5, table = ingested["data_md5"], ingested["table_path"]
-    reports = root / "outputs" / "reports" / md5
-    raw = pipeline.validate_raw_stage(cfg, table, reports)
-    splits = pipeline.split_stage(cfg, table, md5, root)
-    leakage = pipeline.validate_splits_stage(splits["paths"], reports)
-    tokens = pipeline.tokenisation_stage(cfg, splits["paths"], reports)
-    checked = raw["report_paths"] + leakage["report_paths"] + tokens["report_paths"]
-    return pipeline.train_stage(cfg, splits["paths"], md5, checked, root)
+    pipeline = definition.FULL.without("baseline", "register-model", "promote-model")
+    return definition.run(pipeline, RunContext(cfg, root)).trained
 
 
 @pytest.mark.slow
@@ -452,28 +443,28 @@ def test_reproduce_restores_the_old_data_version_and_matches_the_metrics(
     cfg = experiment(root, tiny_models["bert"], synthetic_spam_table(240, seed=0))
     run_a = train_once(cfg, root)
     v1 = data_md5(root)
-    assert run_a["metrics"]["test_f1"] > 0.8  # a model that learned: metrics worth comparing
+    assert run_a.metrics["test_f1"] > 0.8  # a model that learned: metrics worth comparing
 
     experiment(root, tiny_models["bert"], synthetic_spam_table(260, seed=1))  # the source moves on
-    v2 = pipeline.ingest_stage(cfg, root)["data_md5"]
+    v2 = definition.run(definition.FULL.only("ingest"), RunContext(cfg, root)).data_md5
     assert v2 != v1
     v2_bytes = (root / "data" / "dataset.parquet").read_bytes()
     shutil.rmtree(root / ".dvc" / "cache")  # a fresh clone: v1 exists only on the remote
 
-    result = runner.invoke(app, ["reproduce", run_a["run_id"], "--root", str(root)])
+    result = runner.invoke(app, ["reproduce", run_a.run_id, "--root", str(root)])
 
     assert result.exit_code == 0, result.output
     assert "REPRODUCED" in result.output and "test_f1" in result.output
     client = MlflowClient(cfg.tracking.tracking_uri)
     [new] = client.search_runs(
         [client.get_experiment_by_name("reproduce").experiment_id],
-        f"tags.`{REPRODUCES_TAG}` = '{run_a['run_id']}'",
+        f"tags.`{REPRODUCES_TAG}` = '{run_a.run_id}'",
     )
     assert new.data.tags["peftflow.data_md5"] == v1
-    assert new.data.tags["peftflow.run_key"] == run_a["run_key"]
+    assert new.data.tags["peftflow.run_key"] == run_a.run_key
     assert new.data.tags["peftflow.kind"] == "reproduction"
     assert new.data.tags["peftflow.reproduced"] == "true"
-    for name, value in run_a["metrics"].items():
+    for name, value in run_a.metrics.items():
         if name.startswith("test_"):
             assert new.data.metrics[name] == pytest.approx(value, abs=1e-6), name
     # The user's data stays on v2: data.dvc, the table, and its verification.
@@ -505,7 +496,7 @@ def test_config_is_rebuilt_exactly_from_params_or_the_artifact(tracking_uri, tmp
 
     with RunTracker(tracking_uri) as tracker:
         tracker.start(client.get_run(run_id).info.experiment_id, "with-artifact", {}, {})
-        log_config(tracker, cfg)
+        tracker.log_dict(cfg.model_dump(mode="json"), CONFIG_ARTIFACT)
         tracker.set_tags({CONFIG_HASH_TAG: cfg.config_hash()})
     rebuilt, source = run_config(client, client.get_run(tracker.run_id))
     assert (rebuilt, source) == (cfg, "artifact")
@@ -552,7 +543,7 @@ def test_metrics_outside_the_tolerance_fail_with_exit_1(monkeypatch):
     assert "NOT REPRODUCED" in outcome.table() and "<-- differs" in outcome.table()
     assert Reproduction("a", "b", "m", "params", 0.2, checks[1:], "c", "c").reproduced
 
-    monkeypatch.setattr("peftflow.reproduce.reproduce", lambda *args, **kwargs: outcome)
+    monkeypatch.setattr("peftflow.pipeline.reproduce.reproduce", lambda *args, **kwargs: outcome)
     result = runner.invoke(app, ["reproduce", "a" * 32])
     assert result.exit_code == 1
     assert "test_accuracy" in result.output and "missing" in result.output

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import pytest
 
-from peftflow.config import parse_config
+from peftflow.config.loading import parse_config
 from peftflow.errors import ConfigError
-from peftflow.model_io import build_for_training, save_model
-from peftflow.tracking import standard_tags
+from peftflow.task.registry import build_for_training, save_trained
+from peftflow.tracking.runs import standard_tags
+from tests.models.test_methods import tiny_config
 from tests.servers import background, free_port, wait_healthy
-from tests.test_methods import tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
 CODE_DIRS = ("src", "tasks", "flows")
@@ -121,7 +121,7 @@ def test_a_model_folder_with_pickled_weights_is_refused_unread(tiny_models, tmp_
 def test_saved_models_are_safetensors_and_json_only(tiny_models, tmp_path):
     cfg = tiny_config(tiny_models["llama"], "lora")
     model, tokenizer, base = build_for_training(cfg)
-    folder = save_model(model, tokenizer, cfg, base, tmp_path / "model")
+    folder = save_trained(model, tokenizer, cfg, base, tmp_path / "model")
     suffixes = {path.suffix for path in folder.rglob("*") if path.is_file()}
     assert ".safetensors" in suffixes
     assert suffixes <= {".safetensors", ".json", ".jinja", ".txt", ".model"}, suffixes

@@ -14,25 +14,29 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from peftflow import checkpoint, pipeline, training
-from peftflow.checkpoint import Checkpoints, claimed
-from peftflow.config import RUN_KEY_EXCLUDED
+from peftflow.config.experiment import RUN_KEY_EXCLUDED
 from peftflow.errors import TrainingError
-from peftflow.model_io import build_for_training
-from peftflow.modeling import trained_state
-from peftflow.tracking import ERROR_TAG, RESUMED_TAG, RunTracker, ensure_experiment
-from peftflow.training import NonFiniteError, classification_objective, train_model
+from peftflow.models.backbone import trained_state
+from peftflow.task.classification import classification_objective
+from peftflow.task.registry import build_for_training
+from peftflow.tracking.runs import ERROR_TAG, RESUMED_TAG, RunTracker, ensure_experiment
+from peftflow.training import checkpoint
+from peftflow.training import loop as training
+from peftflow.training.checkpoint import Checkpoints, claimed
+from peftflow.training.finite_guard import NonFiniteError
+from peftflow.training.loop import train_model
+from tests.models.test_methods import encoded_table
 from tests.reliability.faults import (
     DATA_MD5,
     fresh_store,
     infinite_gradient_at,
     nan_loss_at,
     tiny_run_config,
+    train_stage,
     trainable_weights,
     with_tracking,
     write_splits,
 )
-from tests.test_methods import encoded_table
 
 ROOT = Path(__file__).resolve().parents[2]
 CHILD_TIMEOUT_S = 240
@@ -140,16 +144,15 @@ def test_non_finite_loss_fails_the_mlflow_run_and_registers_nothing(
     cfg = with_tracking(
         tiny_run_config(tiny_models["bert"], checkpoint_every_steps=1), tracking_uri
     )
-    real_objective = training.classification_objective
+    real_objective = classification_objective
     monkeypatch.setattr(  # NaN at global step 8: epoch 2, step 2 (6 steps per epoch)
-        training,
-        "classification_objective",
+        "peftflow.task.classification.classification_objective",
         lambda *args: nan_loss_at(real_objective(*args), 8),
     )
     split_paths = write_splits(tmp_path / "splits")
 
     with pytest.raises(TrainingError, match="non-finite loss in epoch 2 at optimizer step 2"):
-        pipeline.train_stage(cfg, split_paths, DATA_MD5, [], tmp_path)
+        train_stage(cfg, split_paths, tmp_path)
 
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name(cfg.tracking.experiment)
@@ -189,7 +192,7 @@ def test_killed_training_resumes_in_the_same_run_with_the_same_result(
         tiny_run_config(tiny_models["bert"], checkpoint_every_steps=1),
         fresh_store(empty_store, root_b),
     )
-    uninterrupted = pipeline.train_stage(cfg_a, split_paths, DATA_MD5, [], root_a)
+    uninterrupted = train_stage(cfg_a, split_paths, root_a)
 
     run_file = tmp_path / "run.json"
     run_file.write_text(
@@ -219,20 +222,20 @@ def test_killed_training_resumes_in_the_same_run_with_the_same_result(
     (killed,) = client.search_runs([experiment.experiment_id])
     assert killed.info.status == "RUNNING"  # nobody was left to end it
 
-    resumed = pipeline.train_stage(cfg_b, split_paths, DATA_MD5, [], root_b)
+    resumed = train_stage(cfg_b, split_paths, root_b)
 
-    assert resumed["run_id"] == killed.info.run_id  # the same MLflow run, continued
-    after = outcome_of(client, resumed["run_id"])
+    assert resumed.run_id == killed.info.run_id  # the same MLflow run, continued
+    after = outcome_of(client, resumed.run_id)
     assert after["run"].info.status == "FINISHED"
     assert after["run"].data.tags[RESUMED_TAG] == "epoch 2 step 3"
     assert after["val_f1_steps"] == [1, 2]  # epoch 1 from the killed process, 2 from this one
-    assert resumed["history"] == uninterrupted["history"]
-    quality = set(uninterrupted["metrics"]) - TIMING_METRICS
-    assert {k: resumed["metrics"][k] for k in quality} == {
-        k: uninterrupted["metrics"][k] for k in quality
+    assert resumed.history == uninterrupted.history
+    quality = set(uninterrupted.metrics) - TIMING_METRICS
+    assert {k: resumed.metrics[k] for k in quality} == {
+        k: uninterrupted.metrics[k] for k in quality
     }
     assert same_tensors(
-        trainable_weights(resumed["model_dir"]), trainable_weights(uninterrupted["model_dir"])
+        trainable_weights(resumed.model_dir), trainable_weights(uninterrupted.model_dir)
     )
     assert not folder.exists()  # deleted once the run succeeded
 
@@ -255,7 +258,7 @@ def test_adalora_resumes_exactly_with_its_rank_allocator(tiny_models, tmp_path, 
     12 steps: ranks are re-allocated at steps 2-10, then held by the rank pattern.
     (2, 2): step 8, scores in use; (2, 5): step 11, the pattern in use; (3, 0): all done.
     """
-    adalora = {"adalora": {"init_r": 6, "target_r": 2, "delta_t": 1}}
+    adalora = {"init_r": 6, "target_r": 2, "delta_t": 1}
     cfg = tiny_run_config(tiny_models["bert"], "adalora", adalora, checkpoint_every_steps=1)
     model, objective = tiny_objective(cfg)
     reference = train_model(model, objective, cfg, on_epoch=None)
@@ -383,7 +386,7 @@ def test_a_checkpoint_for_another_batch_layout_is_refused(one_checkpoint, tiny_m
 
 
 def test_the_checkpoint_cadence_is_not_part_of_the_run_key(tiny_models):
-    assert {"train": {"checkpoint_every_steps"}} == RUN_KEY_EXCLUDED
+    assert {"train": {"checkpoint_every_steps", "devices"}} == RUN_KEY_EXCLUDED
     every_step = tiny_run_config(tiny_models["bert"], checkpoint_every_steps=1)
     never = tiny_run_config(tiny_models["bert"], checkpoint_every_steps=0)
     other_lr = tiny_run_config(tiny_models["bert"], checkpoint_every_steps=1, lr=1e-3)

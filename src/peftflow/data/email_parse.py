@@ -4,6 +4,8 @@ Real mail is messy: mislabelled or unknown charsets, 8-bit bytes in headers,
 HTML-only spam, base64 attachments. Parsing must never fail on a single odd
 message (a corpus has thousands), so every decoding step degrades to a lossy
 but readable result instead of raising.
+
+Depends on: nothing in peftflow.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 Output files depend only on the input content (rows sorted by id, no
 timestamps), so re-ingesting unchanged data reproduces the same bytes and the
 same DVC md5, which keeps run keys and caches stable.
+
+Depends on: config.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ def ingest(
     cache_dir: Path | None = None,
     remote_url: str | None = None,
     push: bool = True,
-    task: str = "classification",
+    layout: str = "labelled",
     accept: Callable[[pd.DataFrame], None] | None = None,
 ) -> IngestResult:
     """Load the configured source, write it under ``root/cfg.data_dir`` and version it with DVC.
@@ -50,12 +52,12 @@ def ingest(
     before the new files replace the old ones, so a failed ingest leaves the
     previous data and its ``.dvc`` file untouched. ``accept(table)`` is the data
     gate: it raises to refuse the new table (the pipeline runs the raw-data suite
-    there). ``task`` picks the table layout (see
+    there). ``layout`` picks how a user's table is read (see
     :func:`~peftflow.data.loaders.load_dataset`).
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    table = load_dataset(cfg, cache_dir or root / ".cache" / "peftflow", task=task)
+    table = load_dataset(cfg, cache_dir or root / ".cache" / "peftflow", layout=layout)
     if accept is not None:
         accept(table)
     label_counts = _label_counts(table)

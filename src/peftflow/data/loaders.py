@@ -2,6 +2,8 @@
 
 Loaders only read and reshape; whether labels, duplicates and lengths are
 acceptable is decided later by the Great Expectations checks stage.
+
+Depends on: config.
 """
 
 from __future__ import annotations
@@ -29,22 +31,23 @@ TABLE_READERS = {
     ".json": lambda path: pd.read_json(path, dtype=False),
 }
 _MAX_LISTED = 10  # bad rows/lines named in an error message
-TASKS = ("classification", "generation")
+# How a user's table is read: labelled texts (classification) or prompt/response pairs.
+LAYOUTS = ("labelled", "pairs")
 _CLASSIFICATION_FIELDS = "data.text_column / data.label_column"
 _GENERATION_FIELDS = "data.prompt_column / data.response_column"
 
 
-def load_dataset(cfg: DataConfig, cache_dir: Path, task: str = "classification") -> pd.DataFrame:
+def load_dataset(cfg: DataConfig, cache_dir: Path, layout: str = "labelled") -> pd.DataFrame:
     """Load the configured source as one table (no label/duplicate checks here).
 
-    Every source gives the standard classification table, except a user's table
-    for task "generation", which gives :data:`GENERATION_COLUMNS`. SpamAssassin
-    stays in the classification schema for both tasks: the subject-line view is
-    derived later (``generation_examples``), so both tasks share one data version.
+    Every source gives the standard labelled table, except a user's table read as
+    prompt/response ``pairs`` (task "generation"), which gives :data:`GENERATION_COLUMNS`.
+    SpamAssassin stays labelled for both tasks: the subject-line view is derived later
+    (``generation_examples``), so both tasks share one data version.
     """
-    if task not in TASKS:
-        raise ConfigError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
-    if task == "generation" and cfg.source == "table":
+    if layout not in LAYOUTS:
+        raise ConfigError(f"unknown table layout {layout!r}; valid layouts: {', '.join(LAYOUTS)}")
+    if layout == "pairs" and cfg.source == "table":
         return load_generation_table(cfg.path, cfg.prompt_column, cfg.response_column)
     if cfg.source == "spamassassin":
         return load_spamassassin(fetch_spamassassin(Path(cache_dir)))

@@ -1,4 +1,7 @@
-"""The one table layout every loader returns, so later stages never care about the source."""
+"""The one table layout every loader returns, so later stages never care about the source.
+
+Depends on: nothing in peftflow.
+"""
 
 from __future__ import annotations
 

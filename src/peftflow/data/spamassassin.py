@@ -5,6 +5,8 @@ machines, and its tarball integrity (sha512) is pinned here, so a fetched corpus
 is byte-for-byte the one this code was checked against. Each message file is
 further named after its own md5 (``<group>/<id>.<md5>.txt``), which
 :func:`load_spamassassin` verifies before parsing.
+
+Depends on: nothing in peftflow.
 """
 
 from __future__ import annotations

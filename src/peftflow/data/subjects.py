@@ -4,6 +4,8 @@ The ingested SpamAssassin table stays in the classification schema (one DVC data
 version for the classifier and the generator); this module derives the subject
 view from it. A user's own prompt/response table already has the generation
 columns and passes through unchanged.
+
+Depends on: nothing in peftflow.
 """
 
 from __future__ import annotations

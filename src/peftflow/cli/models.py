@@ -1,0 +1,77 @@
+"""Commands about registered models: predict with one, promote one through the gate, roll
+back the champion.
+
+Depends on: tracking, serving.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from peftflow.cli.common import fail
+from peftflow.errors import PeftflowError
+
+STORE_ROOT_HELP = "Project folder; its mlflow.db is the store."
+
+
+def predict(
+    model: str = typer.Option(
+        ...,
+        "--model",
+        "-m",
+        help="models:/NAME@alias, models:/NAME/V, runs:/ID/model, or a folder.",
+    ),
+    input_path: Path = typer.Option(..., "--input", "-i", help="CSV, JSONL or parquet file."),
+    output_path: Path = typer.Option(..., "--output", "-o", help="CSV, JSONL or parquet file."),
+    text_column: str = typer.Option("text", help="The input column holding the texts."),
+    batch_size: int = typer.Option(64, min=1, help="Rows per prediction batch."),
+    root: Path = typer.Option(Path("."), help=STORE_ROOT_HELP),
+) -> None:
+    """Predict (labels or generated text) for every row of a file; input columns are kept."""
+    from peftflow.serving.predict import load_predictor, predict_file  # deferred: torch, mlflow
+    from peftflow.tracking.runs import resolve_tracking_uri  # deferred: mlflow
+
+    try:
+        predictor = load_predictor(model, resolve_tracking_uri(None, root))
+        written = predict_file(predictor, input_path, output_path, text_column, batch_size)
+    except PeftflowError as err:
+        fail(err)
+    typer.echo(f"wrote {written}")
+
+
+def promote(
+    model: str = typer.Option(..., "--model", "-m", help="Registered model name."),
+    version: str = typer.Option(..., "--version", "-v", help="The candidate version."),
+    metric: str | None = typer.Option(None, help="Test metric (default: by task, F1 or BLEU)."),
+    margin: float = typer.Option(0.0, min=0.0, help="How much the champion must be beaten by."),
+    root: Path = typer.Option(Path("."), help=STORE_ROOT_HELP),
+) -> None:
+    """Move alias champion to VERSION only through the gate; exit 1 when the gate refuses."""
+    from peftflow.tracking.promotion import promote as gated_promotion  # deferred: mlflow
+    from peftflow.tracking.runs import resolve_tracking_uri  # deferred: mlflow
+
+    try:
+        decision = gated_promotion(model, version, resolve_tracking_uri(None, root), metric, margin)
+    except PeftflowError as err:
+        fail(err)
+    verdict = "promoted to champion" if decision.promoted else "NOT promoted"
+    typer.echo(f"{model} v{version}: {verdict} ({decision.reason})")
+    if not decision.promoted:
+        raise typer.Exit(code=1)
+
+
+def rollback(
+    model: str = typer.Option(..., "--model", "-m", help="Registered model name."),
+    root: Path = typer.Option(Path("."), help=STORE_ROOT_HELP),
+) -> None:
+    """Give alias champion back to the version that held it before (alias previous)."""
+    from peftflow.tracking.promotion import rollback as rollback_champion  # deferred: mlflow
+    from peftflow.tracking.runs import resolve_tracking_uri  # deferred: mlflow
+
+    try:
+        restored = rollback_champion(model, resolve_tracking_uri(None, root))
+    except PeftflowError as err:
+        fail(err)
+    typer.echo(f"{model}: champion is v{restored} again")

@@ -1,0 +1,79 @@
+"""The DVC repo underneath: opening it, its cache folder, and the md5 a ``.dvc`` file records.
+
+Uses the in-process ``dvc.repo.Repo`` API (one import instead of a ~1 s Python start-up
+per CLI call). Every DVC failure is re-raised as a :class:`DataError` that says what was
+attempted and how to fix it.
+
+Depends on: nothing in peftflow beyond errors.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import yaml
+from dvc.exceptions import DvcException
+from dvc.repo import Repo
+
+from peftflow.errors import DataError
+
+REMOTE_NAME = "storage"
+
+
+DEFAULT_REMOTE_DIR = ".dvc-storage"
+
+
+def data_md5(root: Path, target: str = "data") -> str:
+    """The md5 recorded in ``<target>.dvc`` (a directory's ends in ``.dir``): the data version."""
+    return dvc_out(root, target)["md5"]
+
+
+def dvc_out(root: Path, target: str) -> dict:
+    """The output entry of ``<target>.dvc`` (md5, size, nfiles, hash, path)."""
+    dvc_file = Path(root) / f"{target}.dvc"
+    if not dvc_file.is_file():
+        raise DataError(
+            f"{dvc_file} does not exist: no data is tracked yet; run `peftflow ingest` first"
+        )
+    try:
+        out = yaml.safe_load(dvc_file.read_text())["outs"][0]
+        if "md5" not in out:
+            raise KeyError("md5")
+        return out
+    except (yaml.YAMLError, KeyError, IndexError, TypeError) as err:
+        raise DataError(
+            f"{dvc_file} is not a valid DVC file ({err!r}); restore it from git "
+            "or run `peftflow ingest` again"
+        ) from err
+
+
+def cache_dir(root: Path) -> Path:
+    """Where the repo's DVC 3 objects live (``.dvc/cache/files/md5`` unless cache.dir is set)."""
+    with open_repo(root) as repo:
+        return Path(repo.cache.local.path)
+
+
+def default_remote(root: Path) -> str:
+    # DVC reads a relative local path as relative to the working directory and
+    # stores it relative to .dvc/, so the repo stays movable; an absolute path
+    # would be written verbatim and tie the repo to this machine.
+    return os.path.relpath(root / DEFAULT_REMOTE_DIR)
+
+
+@contextmanager
+def open_repo(root: Path) -> Iterator[Repo]:
+    with dvc_errors(f"open {root} as a DVC repo", "run `peftflow ingest` first"):
+        repo = Repo(str(root))
+    with repo:
+        yield repo
+
+
+@contextmanager
+def dvc_errors(action: str, fix: str) -> Iterator[None]:
+    try:
+        yield
+    except DvcException as err:
+        raise DataError(f"DVC could not {action}: {err}; {fix}") from err

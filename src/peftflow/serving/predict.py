@@ -1,0 +1,162 @@
+"""Batch prediction over files with a registered or saved model, written atomically.
+
+Depends on: data, tracking, task.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from peftflow.data.loaders import TABLE_READERS
+from peftflow.errors import DataError
+from peftflow.serving.pyfunc import PeftflowModel
+from peftflow.task.registry import load_trained
+from peftflow.tracking.registration import NOT_FOUND_CODES
+from peftflow.tracking.runs import check_tracking_server
+
+# --- files ------------------------------------------------------------------------------------
+
+WRITERS = {
+    ".csv": lambda frame, path: frame.to_csv(path, index=False),
+    ".parquet": lambda frame, path: frame.to_parquet(path, index=False),
+    ".jsonl": lambda frame, path: frame.to_json(path, orient="records", lines=True),
+}
+
+
+def read_input_table(path: Path, text_column: str) -> pd.DataFrame:
+    """A CSV/JSONL/parquet file with ``text_column``; clear errors for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"input file {path} does not exist")
+    reader = TABLE_READERS.get(path.suffix.lower())
+    if reader is None:
+        raise DataError(f"input {path} has suffix {path.suffix!r}; use one of {', '.join(WRITERS)}")
+    frame = reader(path)
+    if text_column not in frame.columns:
+        raise DataError(
+            f"input {path} has no column {text_column!r} (columns: {list(frame.columns)}); "
+            "pass --text-column with the column holding the texts"
+        )
+    missing = frame.index[frame[text_column].isna()].tolist()
+    if missing:
+        raise DataError(
+            f"input {path}: column {text_column!r} is empty in rows {missing[:10]}; "
+            "fill or drop those rows"
+        )
+    return frame
+
+
+def predict_file(
+    predict_frame: Callable[[pd.DataFrame], pd.DataFrame],
+    input_path: Path,
+    output_path: Path,
+    text_column: str = "text",
+    batch_size: int = 64,
+    progress: bool = True,
+) -> Path:
+    """Input rows + prediction columns, batched with a progress bar, written atomically.
+
+    ``predict_frame`` takes a DataFrame with a ``text`` column (an MLflow pyfunc's
+    ``predict``) and returns one row per input row.
+    """
+    output_path = Path(output_path)
+    writer = WRITERS.get(output_path.suffix.lower())
+    if writer is None:  # checked before any prediction work
+        raise DataError(f"output {output_path}: use a {', '.join(WRITERS)} file name")
+    frame = read_input_table(input_path, text_column)
+    texts = frame[text_column].astype(str)
+    chunks = []
+    batches = range(0, len(frame), batch_size)
+    for start in tqdm(batches, desc="predict", unit="batch", disable=not progress):
+        batch = pd.DataFrame({"text": texts.iloc[start : start + batch_size].tolist()})
+        chunks.append(predict_frame(batch).reset_index(drop=True))
+    predictions = pd.concat(chunks, ignore_index=True) if chunks else pd.DataFrame()
+    result = pd.concat([frame.reset_index(drop=True), predictions], axis=1)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    staging = output_path.with_name(f".{output_path.name}.partial")
+    writer(result, staging)
+    os.replace(staging, output_path)  # a crash never leaves half an output file
+    return output_path
+
+
+def load_predictor(model: str, tracking_uri: str | None = None) -> Callable:
+    """``models:/NAME@alias`` / ``runs:/...`` through MLflow, or a saved model folder directly."""
+    folder = Path(model)
+    if folder.is_dir():
+        wrapper = PeftflowModel.from_loaded(load_trained(folder))
+        return lambda frame: wrapper.predict(None, frame)
+    if not model.startswith(("models:/", "runs:/")):
+        raise DataError(
+            f"--model {model!r} is neither a folder nor an MLflow URI; pass "
+            "models:/NAME@champion, models:/NAME/VERSION, runs:/RUN_ID/model or a model folder"
+        )
+    import tempfile
+
+    import mlflow
+
+    # The downloaded copy lives as long as the predictor (removed when it is garbage
+    # collected or at exit), never left behind in the temp folder.
+    scratch = tempfile.TemporaryDirectory(prefix="peftflow-model-")
+    try:
+        served = mlflow.pyfunc.load_model(str(download_model(model, tracking_uri, scratch.name)))
+    except BaseException:
+        scratch.cleanup()
+        raise
+
+    def predict(frame: pd.DataFrame, _keep=scratch) -> pd.DataFrame:
+        return served.predict(frame)
+
+    return predict
+
+
+def download_model(uri: str, tracking_uri: str | None, target: str | Path | None = None) -> Path:
+    """Fetch a registry/run model into ``target`` (default: a new temporary folder).
+
+    An explicit client keeps MLflow's process-global tracking and registry URIs
+    untouched (other code in the process, e.g. Prefect tasks, may use other stores).
+    """
+    import tempfile
+
+    from mlflow.tracking import MlflowClient
+
+    if tracking_uri:
+        check_tracking_server(tracking_uri)
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    run_id, artifact_path = _model_artifact(client, uri)
+    target = (
+        Path(target) if target is not None else Path(tempfile.mkdtemp(prefix="peftflow-model-"))
+    )
+    return Path(client.download_artifacts(run_id, artifact_path, str(target)))
+
+
+def _model_artifact(client, uri: str) -> tuple[str, str]:
+    """(run id, artifact path) behind models:/NAME@alias, models:/NAME/VERSION or runs:/ID/PATH."""
+    from mlflow.exceptions import MlflowException
+
+    if uri.startswith("runs:/"):
+        run_id, _, path = uri.removeprefix("runs:/").partition("/")
+        return run_id, path or "model"
+    name_part = uri.removeprefix("models:/")
+    try:
+        if "@" in name_part:
+            name, alias = name_part.split("@", 1)
+            version = client.get_model_version_by_alias(name, alias)
+        else:
+            name, _, number = name_part.partition("/")
+            version = client.get_model_version(name, number)
+    except MlflowException as err:
+        if err.error_code not in NOT_FOUND_CODES:
+            raise DataError(
+                f"--model {uri}: the registry at {client.tracking_uri} failed to answer "
+                f"({err.error_code}: {err.message}); check the tracking server and its logs"
+            ) from None
+        raise DataError(
+            f"--model {uri}: not in the registry ({err.message}); check the name and the "
+            "alias or version (`mlflow ui` lists them)"
+        ) from None
+    return version.run_id, version.source.rstrip("/").rsplit("/", 1)[-1]

@@ -1,0 +1,100 @@
+import configparser
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from peftflow.data.dvc_repo import data_md5
+from peftflow.data.dvc_store import ensure_dvc_repo, pull, push, track
+from peftflow.errors import DataError
+
+REMOTE_SECTION = "'remote \"storage\"'"  # DVC quotes the section name as git config does
+
+
+def git_repo(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["git", "init", "-q", str(path)], check=True)
+    return path
+
+
+def dvc_config(root: Path) -> configparser.ConfigParser:
+    config = configparser.ConfigParser()
+    config.read(root / ".dvc" / "config")
+    return config
+
+
+def write_data(root: Path, content: str) -> None:
+    (root / "data").mkdir(exist_ok=True)
+    (root / "data" / "rows.txt").write_text(content)
+
+
+def test_ensure_dvc_repo_in_git_repo_sets_local_default_remote(tmp_path):
+    root = git_repo(tmp_path / "project")
+    ensure_dvc_repo(root, None)
+
+    config = dvc_config(root)
+    assert config["core"]["analytics"] == "False"
+    assert config["core"]["remote"] == "storage"
+    # Stored relative to .dvc/ so the repo can move.
+    assert config[REMOTE_SECTION]["url"] == "../.dvc-storage"
+    assert "no_scm" not in config["core"]
+
+
+def test_ensure_dvc_repo_without_git_uses_no_scm_and_keeps_a_configured_remote(tmp_path):
+    root = tmp_path / "plain"
+    root.mkdir()
+    ensure_dvc_repo(root, "s3://bucket/peftflow")
+    ensure_dvc_repo(root, None)  # must not reset the user's remote to the local default
+
+    config = dvc_config(root)
+    assert config["core"]["no_scm"] == "True"
+    assert config[REMOTE_SECTION]["url"] == "s3://bucket/peftflow"
+
+    ensure_dvc_repo(root, str(tmp_path / "elsewhere"))  # an explicit URL does replace it
+    assert dvc_config(root)[REMOTE_SECTION]["url"] == str(tmp_path / "elsewhere")
+
+
+def test_track_push_pull_roundtrip(tmp_path):
+    root = git_repo(tmp_path / "project")
+    ensure_dvc_repo(root, None)
+    write_data(root, "version one\n")
+
+    md5 = track(root)
+
+    assert md5.endswith(".dir") and md5 == data_md5(root)
+    assert push(root) == 2  # the file and the directory listing
+    assert any((root / ".dvc-storage").rglob("*"))
+    assert "/data" in (root / ".gitignore").read_text().split()
+
+    shutil.rmtree(root / "data")
+    shutil.rmtree(root / ".dvc" / "cache")
+    pull(root)
+    assert (root / "data" / "rows.txt").read_text() == "version one\n"
+
+    write_data(root, "version two\n")
+    assert track(root) != md5
+
+
+def test_pull_without_pushed_data_is_a_data_error(tmp_path):
+    root = git_repo(tmp_path / "project")
+    ensure_dvc_repo(root, None)
+    write_data(root, "never pushed\n")
+    track(root)
+    shutil.rmtree(root / "data")
+    shutil.rmtree(root / ".dvc" / "cache")
+    with pytest.raises(DataError, match=r"(?s)DVC could not pull data.*check that it was pushed"):
+        pull(root)
+
+
+def test_data_md5_needs_an_ingest_first(tmp_path):
+    with pytest.raises(DataError, match="run `peftflow ingest` first"):
+        data_md5(tmp_path)
+    (tmp_path / "data.dvc").write_text("outs: []\n")
+    with pytest.raises(DataError, match="is not a valid DVC file"):
+        data_md5(tmp_path)
+
+
+def test_operations_outside_a_dvc_repo_name_the_fix(tmp_path):
+    with pytest.raises(DataError, match="open .* as a DVC repo.*run `peftflow ingest` first"):
+        track(tmp_path)

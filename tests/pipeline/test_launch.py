@@ -1,0 +1,126 @@
+"""Data-parallel training as a replaced pipeline stage: ``train.devices: 2`` launches two
+gloo processes through accelerate, and the pipeline carries on with the one run they made."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from peftflow.config import parse_config
+from peftflow.errors import PeftflowError, TrainingError
+from peftflow.pipeline import definition, launch
+from peftflow.pipeline.results import RunContext
+from tests.conftest import synthetic_spam_table
+
+CPU_ONLY = {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+
+
+def ddp_project(root: Path, model_dir: Path, devices: int = 2):
+    """A git project with a CSV of messages and the config of a tiny LoRA on ``devices``."""
+    root.mkdir()
+    subprocess.run(["git", "init", "-q", str(root)], check=True)
+    synthetic_spam_table(240)[["text", "label"]].to_csv(root / "messages.csv", index=False)
+    return parse_config(
+        {
+            "name": "ddp-tiny",
+            "seed": 3,
+            "data": {
+                "source": "table",
+                "path": str(root / "messages.csv"),
+                "min_class_fraction": 0.1,
+                "split": {"max_train_examples": 120},
+            },
+            "model": {"name": str(model_dir), "max_length": 48},
+            "method": {"name": "lora", "r": 4, "alpha": 8},
+            "train": {
+                "epochs": 2,
+                "batch_size": 16,
+                "lr": 5e-3,
+                "progress": False,
+                "devices": devices,
+            },
+            "tracking": {
+                "experiment": "ddp",
+                "tracking_uri": f"sqlite:///{root / 'mlflow.db'}",
+                "register_model": False,
+            },
+        }
+    )
+
+
+def test_devices_replace_the_training_stage_and_keep_the_run_key(tiny_models, tmp_path):
+    cfg = ddp_project(tmp_path / "p", tiny_models["llama"])
+    pipeline = definition.finetune_pipeline(cfg)
+    assert "train-data-parallel" in pipeline.names and "train-and-evaluate" not in pipeline.names
+    one = cfg.model_copy(update={"train": cfg.train.model_copy(update={"devices": 1})})
+    assert "train-and-evaluate" in definition.finetune_pipeline(one).names
+    assert one.config_hash() == cfg.config_hash()  # how it runs, not what it computes
+
+
+def test_the_launched_module_refuses_to_run_outside_a_launcher(monkeypatch, tmp_path):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    spec = {
+        "config": {"name": "x"},
+        "root": str(tmp_path),
+        "parent_run_id": None,
+        "extra_tags": {},
+        "data_md5": "m",
+        "split": {"paths": {}, "summary": {}},
+        "checks": {},
+        "baseline": None,
+    }
+    (tmp_path / launch.SPEC_FILE).write_text(json.dumps(spec))
+    with pytest.raises(PeftflowError, match="runs under a launcher.*train.devices"):
+        launch.main(tmp_path)
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_train_one_run_in_the_pipeline(
+    tiny_models, tmp_path, monkeypatch, capfd
+):
+    from mlflow import MlflowClient
+
+    for key, value in CPU_ONLY.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    root = tmp_path / "project"
+    cfg = ddp_project(root, tiny_models["llama"])
+    pipeline = definition.finetune_pipeline(cfg, baseline=False)
+    state = definition.run(pipeline, RunContext(cfg, root))
+
+    out = capfd.readouterr().out
+    lines = [line for line in out.splitlines() if "weights sha256" in line]
+    assert {line.split()[3] for line in lines} == {"0/2", "1/2"}  # both ranks finished
+    assert len({line.split()[-1] for line in lines}) == 1  # with the same weights
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("ddp").experiment_id])
+    assert [run.info.run_id for run in runs] == [state.trained.run_id]  # rank 1 logged nothing
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["peftflow.run_key"] == cfg.run_key(state.data_md5)
+    assert run.data.tags["peftflow.ddp.processes"] == "2"
+    assert run.data.tags["peftflow.ddp.backend"] == "gloo"
+    assert run.data.tags["peftflow.reload_check"] == "passed"
+    losses = [m.value for m in client.get_metric_history(run.info.run_id, "epoch/train_loss")]
+    assert len(losses) == 2 and losses[1] < losses[0]
+    assert state.trained.metrics["test_f1"] == run.data.metrics["test_f1"]
+
+
+@pytest.mark.slow
+def test_a_failed_launch_raises_rank_0s_reason(tiny_models, tmp_path, monkeypatch):
+    for key, value in CPU_ONLY.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_models["llama"], broken)
+    for weights in broken.glob("*.safetensors"):
+        weights.write_bytes(b"not a safetensors file")
+    root = tmp_path / "project"
+    cfg = ddp_project(root, broken)
+    pipeline = definition.finetune_pipeline(cfg, baseline=False)
+    with pytest.raises(TrainingError, match="launch of 2 processes failed.*SafetensorError"):
+        definition.run(pipeline, RunContext(cfg, root))
