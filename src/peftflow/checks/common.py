@@ -141,7 +141,7 @@ def describe_lengths(values: np.ndarray) -> dict[str, float]:
 
 
 def text_column_checks(column: str, why_empty_is_bad: str) -> list[Check]:
-    """Present, a string and not blank: the same three checks for prompts and responses."""
+    """Present, a string and not blank: the same three checks for texts, prompts, responses."""
     from great_expectations import expectations as gxe
 
     return [

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from peftflow.checks.common import duplicates_batch
+from peftflow.checks.common import duplicates_batch, text_column_checks
 from peftflow.checks.engine import Batch, Check, run_suite
 from peftflow.checks.report import CheckReport
 from peftflow.config import DataConfig
@@ -36,10 +36,19 @@ def validate_raw(df: pd.DataFrame, cfg: DataConfig) -> CheckReport:
 
 
 def _table_checks(df: pd.DataFrame, cfg: DataConfig) -> list[Check]:
+    label_counts = df["label"].value_counts().to_dict() if "label" in df.columns else {}
+    return [
+        *_shape_checks(),
+        *text_column_checks("text", "an empty text cannot be classified"),
+        _text_length_check(cfg.max_text_chars),
+        *_label_checks(list(cfg.labels), label_counts),
+    ]
+
+
+def _shape_checks() -> list[Check]:
+    """Rows at all, the standard columns, one row per id."""
     from great_expectations import expectations as gxe
 
-    labels = list(cfg.labels)
-    label_counts = df["label"].value_counts().to_dict() if "label" in df.columns else {}
     return [
         Check(
             gxe.ExpectTableRowCountToBeBetween(min_value=1, description="at least one row"),
@@ -57,32 +66,27 @@ def _table_checks(df: pd.DataFrame, cfg: DataConfig) -> list[Check]:
             gxe.ExpectColumnValuesToBeUnique(column="id", description="every id to be unique"),
             fix="give every row its own id (the listed ids repeat)",
         ),
-        Check(
-            gxe.ExpectColumnValuesToNotBeNull(
-                column="text", description="every row to have a text"
-            ),
-            fix="drop the listed rows or fill in their text",
+    ]
+
+
+def _text_length_check(max_chars: int) -> Check:
+    from great_expectations import expectations as gxe
+
+    return Check(
+        gxe.ExpectColumnValueLengthsToBeBetween(
+            column="text",
+            max_value=max_chars,
+            description=f"every text to have at most {max_chars} characters",
         ),
-        Check(
-            gxe.ExpectColumnValuesToBeOfType(
-                column="text", type_="str", description="every text to be a string"
-            ),
-            fix="convert the listed rows' text to strings in the ingestion step",
-        ),
-        Check(
-            gxe.ExpectColumnValuesToNotMatchRegex(
-                column="text", regex=r"^\s*$", description="no text to be empty or only whitespace"
-            ),
-            fix="drop the listed rows: an empty text cannot be classified",
-        ),
-        Check(
-            gxe.ExpectColumnValueLengthsToBeBetween(
-                column="text",
-                max_value=cfg.max_text_chars,
-                description=f"every text to have at most {cfg.max_text_chars} characters",
-            ),
-            fix="trim or drop the listed rows, or raise data.max_text_chars",
-        ),
+        fix="trim or drop the listed rows, or raise data.max_text_chars",
+    )
+
+
+def _label_checks(labels: list[str], label_counts: dict) -> list[Check]:
+    """Every row labelled, with a configured label, and every configured label present."""
+    from great_expectations import expectations as gxe
+
+    return [
         Check(
             gxe.ExpectColumnValuesToNotBeNull(
                 column="label", description="every row to have a label"

@@ -110,9 +110,11 @@ class TrainConfig(Frozen):
     # batch, so the run computes what one process would (up to float summation order):
     # how a run is carried out, not what it computes, so not part of the run key.
     devices: int = Field(1, ge=1)
-    # auto: bf16 autocast on GPUs that support it, fp32 elsewhere. bf16 on a CPU
-    # with AVX512-BF16/AMX is ~1.5x faster than fp32 (docs/results.md, measured).
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # auto: bf16 autocast on GPUs with bf16, fp32 on CPUs (bf16 changes a CPU run's results).
+    # native: bf16 autocast wherever the device computes bf16 natively (GPUs, CPUs with
+    # AVX512-BF16/AMX: ~1.5x faster than fp32 there), fp32 where bf16 would be emulated (an
+    # AVX2 CPU: 6x slower than fp32). bf16: always. Measured: docs/results.md.
+    precision: Literal["auto", "native", "fp32", "bf16"] = "auto"
     threads: int | None = Field(None, ge=1)
     progress: bool = True
     # Keep the weights of the epoch with the best validation F1 (not the last).

@@ -56,6 +56,7 @@ from peftflow.task.generation_loss import (
 from peftflow.task.run import RELOAD_ATOL, build_untouched, log_base_reference, reload
 from peftflow.tracking.runs import RunTracker
 from peftflow.training.objective import Objective
+from peftflow.training.precision import autocast
 
 # Validation picks the best epoch by teacher-forced loss (cheap); generation, the costly
 # part on a CPU (one forward per new token), scores the test split.
@@ -171,7 +172,9 @@ class Generation(TaskKind):
         device = next(model.parameters()).device
         ids, mask, labels = (t.to(device) for t in generation_batch(test, idx, data.pad_id))
         reloaded = reload(self, model_dir, device=str(device))
-        with torch.inference_mode():
+        # Both under the run's precision: trained weights stored in bf16 for autocast
+        # (peftflow.training.precision) compute exactly what autocast casts them to on reload.
+        with torch.inference_mode(), autocast(device, cfg.train.precision):
             model.eval()
             expected, _ = response_logits(model, ids, mask, labels)
             actual, _ = response_logits(reloaded.model, ids, mask, labels)

@@ -117,9 +117,14 @@ def epoch_logger(tracker: RunTracker):
 
 
 def outcome_tags(outcome: TrainOutcome) -> dict[str, str]:
-    """Where a run trained: the device, the C allocator (which decides how far a CPU run's
-    RSS exceeds its live memory, docs/memory.md) and, data-parallel, the replicas."""
-    tags = {"peftflow.device": outcome.device, "peftflow.allocator": loaded_allocator()}
+    """Where and how a run trained: the device, the precision ``train.precision`` resolved to
+    there, the C allocator (which decides how far a CPU run's RSS exceeds its live memory,
+    docs/memory.md) and, data-parallel, the replicas."""
+    tags = {
+        "peftflow.device": outcome.device,
+        "peftflow.precision": "bf16-autocast" if outcome.bf16_autocast else "fp32",
+        "peftflow.allocator": loaded_allocator(),
+    }
     if outcome.processes > 1:
         tags.update(
             {

@@ -58,7 +58,7 @@ from peftflow.errors import ConfigError
 from peftflow.models.backbone import count_parameters, transformer_blocks
 from peftflow.models.classifier import SequenceClassifier
 from peftflow.training.allocator import loaded_allocator
-from peftflow.training.precision import frozen_matmul_weights
+from peftflow.training.precision import autocasts, frozen_matmul_weights
 
 MIB = 2**20
 
@@ -276,11 +276,7 @@ def precision_mode(cfg: ExperimentConfig, device_type: str) -> str:
     """What the loop will run: "bf16-autocast", "fp32", or "bf16" (bf16 weights)."""
     if cfg.model.dtype == "bfloat16":
         return "bf16"
-    if cfg.train.precision == "bf16":
-        return "bf16-autocast"
-    if cfg.train.precision == "auto" and device_type == "cuda":
-        return "bf16-autocast" if torch.cuda.is_bf16_supported() else "fp32"
-    return "fp32"
+    return "bf16-autocast" if autocasts(torch.device(device_type), cfg.train.precision) else "fp32"
 
 
 def activation_bytes(arch: Architecture, precision: str) -> float:

@@ -39,9 +39,11 @@ from peftflow.training.finite_guard import FINITE_SYNC_STEPS, FiniteGuard, NonFi
 from peftflow.training.memory import peak_memory_mb, reset_peak_memory
 from peftflow.training.objective import Objective
 from peftflow.training.precision import (
+    autocasts,
     compiled_for_training,
     pick_device,
     store_frozen_weights_for_autocast,
+    warn_if_emulated,
 )
 from peftflow.training.replicas import Replicas, data_parallel, resume_replicas
 
@@ -57,6 +59,7 @@ class TrainOutcome:
     tokens_per_second: float = 0.0
     peak_memory_mb: float = 0.0
     device: str = "cpu"
+    bf16_autocast: bool = False  # the precision train.precision resolved to on this device
     processes: int = 1  # data-parallel replicas that trained together
     backend: str = ""  # their collective backend (gloo, nccl) when more than one
     weights_digest: str = ""  # sha256 of the trainable weights all replicas agreed on (N > 1)
@@ -117,6 +120,7 @@ def train_model(
         raise TrainingError("the train split is empty; check data.split fractions and the data")
     set_seed(cfg.seed)
     device, replicas = _place(model, tc)
+    warn_if_emulated(device, tc.precision)
     store_frozen_weights_for_autocast(model, device, tc.precision)
     reset_peak_memory(device)
     if not tc.checkpoint_every_steps:
@@ -126,18 +130,11 @@ def train_model(
     progress, checkpointing = _resume(
         checkpoints, replicas, model, optimizer, scheduler, _layout(objective, tc)
     )
-    outcome = TrainOutcome(device=str(device))
-    if replicas:
-        outcome.processes, outcome.backend = replicas.size, replicas.backend
     started = time.perf_counter()
-
-    def save_checkpoint() -> None:  # the state after the latest optimizer step
-        seconds = progress.seconds + time.perf_counter() - started
-        rngs = replicas.all_gather(rng_state()) if replicas else None  # a collective: every rank
-        if checkpoints:  # rank 0 (or the one process) writes
-            checkpoints.save(model, optimizer, scheduler, progress, seconds, rngs)
-
-    save = save_checkpoint if checkpointing else None
+    save = None
+    if checkpointing:
+        state = (model, optimizer, scheduler, progress)
+        save = partial(_save_checkpoint, checkpoints, replicas, state, started)
     try:
         while progress.epoch <= tc.epochs:
             loss = _run_epoch(
@@ -150,8 +147,19 @@ def train_model(
         if checkpoints:  # the same run key would replay the same steps into the same fault
             checkpoints.discard()
         raise
+    outcome = TrainOutcome(device=str(device), bf16_autocast=autocasts(device, tc.precision))
     outcome.train_seconds = progress.seconds + time.perf_counter() - started
     return _finish(model, objective, tc, progress, replicas, outcome)
+
+
+def _save_checkpoint(checkpoints, replicas, state, started: float) -> None:
+    """Checkpoint the state after the latest optimizer step (rank 0, or the one process,
+    writes; gathering every rank's RNG states is a collective, so every rank calls this)."""
+    model, optimizer, scheduler, progress = state
+    seconds = progress.seconds + time.perf_counter() - started
+    rngs = replicas.all_gather(rng_state()) if replicas else None
+    if checkpoints:
+        checkpoints.save(model, optimizer, scheduler, progress, seconds, rngs)
 
 
 def _layout(objective: Objective, tc: TrainConfig) -> dict[str, int]:
@@ -213,6 +221,7 @@ def _finish(model, objective, tc: TrainConfig, progress: Progress, replicas, out
     """Restore the best epoch's weights; fill in the outcome's history, speed and memory."""
     outcome.history, outcome.best_epoch = progress.history, progress.best_epoch
     if replicas:
+        outcome.processes, outcome.backend = replicas.size, replicas.backend
         outcome.weights_digest = replicas.require_in_sync(model)
     if progress.best_state is not None and outcome.best_epoch != tc.epochs:
         model.load_state_dict(progress.best_state, strict=False)

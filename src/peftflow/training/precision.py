@@ -5,10 +5,14 @@ Depends on: nothing in peftflow beyond errors.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
 from peftflow.errors import TrainingError
+
+logger = logging.getLogger("peftflow.training")
 
 
 def pick_device(requested: str) -> torch.device:
@@ -21,11 +25,40 @@ def pick_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 natively: a GPU with bf16, or a CPU where oneDNN has
+    bf16 kernels (AVX512-BF16 or AMX). Elsewhere bf16 is emulated, measured 6x slower than
+    fp32 (an AVX2 EPYC, docs/results.md)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch built without oneDNN
+        return False
+
+
 def autocasts(device: torch.device, precision: str = "auto") -> bool:
-    """Whether bf16 autocast is on: when asked for, or on "auto" with a bf16-capable GPU."""
+    """Whether bf16 autocast is on for ``train.precision`` on ``device``.
+
+    bf16: always; fp32: never; native: wherever bf16 is native (GPUs, AVX512-BF16/AMX
+    CPUs); auto: on GPUs with bf16 only (on a CPU, bf16 changes results, so it is opt-in).
+    """
+    if precision == "native":
+        return native_bf16(device)
     if precision == "auto":
-        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return device.type == "cuda" and native_bf16(device)
     return precision == "bf16"
+
+
+def warn_if_emulated(device: torch.device, precision: str) -> None:
+    """Say so when bf16 was asked for on hardware that only emulates it (slower, same math)."""
+    if precision == "bf16" and not native_bf16(device):
+        logger.warning(
+            "train.precision is bf16, but this %s has no native bf16 (no AVX512-BF16 or AMX): "
+            "bf16 is emulated, several times slower than fp32; train.precision: native picks "
+            "bf16 only where it is native",
+            device.type.upper(),
+        )
 
 
 def autocast(device: torch.device, precision: str = "auto"):
