@@ -104,7 +104,7 @@ class Pending:
 class Checkpoints:
     """The checkpoints of one run key; ``run_id`` is the MLflow run they belong to.
 
-    How often they are written is ``train.checkpoint_every_steps`` (see training.py).
+    How often they are written is ``train.checkpoint_every_steps`` (see peftflow.training.loop).
     """
 
     folder: Path  # outputs/checkpoints/<run key>
