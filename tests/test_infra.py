@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -58,6 +60,24 @@ def test_compose_has_the_servers_their_stores_and_a_worker():
     assert worker["environment"]["PREFECT_API_URL"] == "http://prefect-server:4200/api"
     assert worker["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
     assert worker["environment"]["PEFTFLOW_ROOT"] == "/app"  # prefect.yaml's pull step
+
+
+def test_compose_and_make_up_share_buckets_databases_and_the_dvc_remote():
+    """The container stack and the native one (make up) are one topology."""
+    services = compose()["services"]
+    worker = services["worker-cpu"]["environment"]
+    local = (INFRA / "local-servers.sh").read_text()
+    assert f"PEFTFLOW_DVC_REMOTE={worker['PEFTFLOW_DVC_REMOTE']}" in local
+    bucket = worker["PEFTFLOW_DVC_REMOTE"].removeprefix("s3://").split("/")[0]
+    assert f"local/{bucket}" in _command(services["minio-bucket"])
+    assert f"--configure-bucket {bucket}" in (INFRA / "s3-server.sh").read_text()
+    artifacts = next(a for a in services["mlflow"]["command"] if "artifacts-destination" in a)
+    assert artifacts.split("=", 1)[1] in local  # s3://mlflow/
+    assert "--configure-bucket mlflow" in (INFRA / "s3-server.sh").read_text()
+    assert "minio-bucket" in services["worker-cpu"]["depends_on"]
+    prefect_db = services["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
+    assert prefect_db.replace("postgres:5432", "${PG_URL}") in local
+    assert "psql_ -f infra/postgres-init.sql" in local  # the databases compose's image creates
 
 
 def test_compose_publishes_ports_on_localhost_only():
@@ -167,23 +187,46 @@ def test_makefile_targets_call_the_local_servers_script():
     assert "/.run/" in (REPO / ".gitignore").read_text().splitlines()
 
 
-@pytest.mark.server
-@pytest.mark.slow
-def test_local_servers_start_once_stop_cleanly_and_twice_is_harmless(tmp_path):
-    run_dir = tmp_path / "run"
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))},
-        "PEFTFLOW_RUN_DIR": str(run_dir),
+def stack_env(tmp_path: Path, state: Path) -> dict[str, str]:
+    """The environment of `make up` on free ports, its pids under tmp_path, its data in state."""
+    return {
+        **{
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("PREFECT_", "MLFLOW_", "AWS_", "PEFTFLOW_"))
+        },
+        "PEFTFLOW_RUN_DIR": str(tmp_path / "run"),
+        "PEFTFLOW_STATE_DIR": str(state),
         "PREFECT_HOME": str(tmp_path / "prefect-home"),
-        "PREFECT_PORT": str(_free_port()),
-        "MLFLOW_PORT": str(_free_port()),
-        "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
-        "MLFLOW_ARTIFACTS_DESTINATION": str(tmp_path / "artifacts"),
+        **{f"{name}_PORT": str(_free_port()) for name in ("PG", "S3", "PREFECT", "MLFLOW")},
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_UI_ENABLED": "false",
     }
 
-    def servers(action: str) -> subprocess.CompletedProcess:
+
+def client_env(up_output: str) -> dict[str, str]:
+    """The `export NAME=value` lines `up` prints for clients."""
+    return dict(
+        line.removeprefix("export ").split("=", 1)
+        for line in up_output.splitlines()
+        if line.startswith("export ")
+    )
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_the_stack_keeps_runs_models_and_data_versions_across_down_and_up(tmp_path, monkeypatch):
+    """Postgres, the S3 store, MLflow and Prefect: everything written survives down/up."""
+    from mlflow import MlflowClient
+
+    run_dir = tmp_path / "run"
+    # Not under tmp_path: pytest's folders are private to their user, and as root the
+    # server runs as the system user postgres, which must reach its data folder.
+    state = Path(tempfile.mkdtemp(prefix="peftflow-stack-"))
+    state.chmod(0o755)
+    env = stack_env(tmp_path, state)
+
+    def stack(action: str) -> subprocess.CompletedProcess:
         return subprocess.run(
             [str(INFRA / "local-servers.sh"), action],
             env=env,
@@ -193,25 +236,81 @@ def test_local_servers_start_once_stop_cleanly_and_twice_is_harmless(tmp_path):
         )
 
     try:
-        up = servers("up")
+        up = stack("up")
         assert up.returncode == 0, up.stdout + up.stderr
-        assert f"export PREFECT_API_URL=http://127.0.0.1:{env['PREFECT_PORT']}/api" in up.stdout
-        assert f"export MLFLOW_TRACKING_URI=http://127.0.0.1:{env['MLFLOW_PORT']}" in up.stdout
+        assert "postgres: databases mlflow and prefect created" in up.stdout
         assert "work pool cpu: created" in up.stdout
-        pids = {name: (run_dir / f"{name}.pid").read_text() for name in ("prefect", "mlflow")}
+        clients = client_env(up.stdout)
+        assert clients["PREFECT_API_URL"] == f"http://127.0.0.1:{env['PREFECT_PORT']}/api"
+        assert clients["PEFTFLOW_DVC_REMOTE"].startswith("s3://")
+        pids = {name: (run_dir / f"{name}.pid").read_text() for name in STACK}
+        again = stack("up")  # idempotent: nothing restarted, nothing re-created
+        assert again.returncode == 0 and again.stdout.count("already running") == 4
+        assert {n: (run_dir / f"{n}.pid").read_text() for n in STACK} == pids
 
-        again = servers("up")
-        assert again.returncode == 0 and again.stdout.count("already running") == 2
-        assert "work pool cpu: exists" in again.stdout
-        assert {n: (run_dir / f"{n}.pid").read_text() for n in pids} == pids
+        for name, value in clients.items():
+            monkeypatch.setenv(name, value)
+        written = write_to_the_stack(tmp_path, state, MlflowClient(clients["MLFLOW_TRACKING_URI"]))
 
-        status = servers("status")
-        assert status.returncode == 0 and status.stdout.count("healthy at") == 2
+        assert stack("down").returncode == 0
+        assert not list(run_dir.glob("*.pid"))
+        for pid in pids.values():
+            assert not Path(f"/proc/{pid.strip()}").exists(), f"server pid {pid} still running"
+        assert stack("status").returncode == 3
+
+        up = stack("up")
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert "databases mlflow and prefect exist" in up.stdout
+        assert "work pool cpu: exists" in up.stdout  # Prefect's state is in Postgres
+        read_back_from_the_stack(tmp_path, MlflowClient(clients["MLFLOW_TRACKING_URI"]), written)
     finally:
-        down = servers("down")
+        down = stack("down")
+        shutil.rmtree(state, ignore_errors=True)
     assert down.returncode == 0, down.stderr
-    assert not list(run_dir.glob("*.pid"))
-    for pid in pids.values():
-        assert not Path(f"/proc/{pid.strip()}").exists(), f"server pid {pid} still running"
-    assert servers("down").stdout.count("not running") == 2
-    assert servers("status").returncode == 3
+    assert stack("down").stdout.count("not running") == 4
+
+
+STACK = ("postgres", "s3", "prefect", "mlflow")
+
+
+def write_to_the_stack(tmp_path: Path, state: Path, client) -> dict:
+    """A run with an artifact, a model version, and a data version pushed to the S3 remote."""
+    from peftflow.config.sections import DataConfig
+    from peftflow.data.ingest import ingest
+    from tests.data.test_ingest import SMS_FILE
+
+    run = client.create_run(client.create_experiment("stack"))
+    client.log_metric(run.info.run_id, "test_f1", 0.75)
+    (tmp_path / "note.txt").write_text("kept")
+    client.log_artifact(run.info.run_id, str(tmp_path / "note.txt"))
+    client.create_registered_model("stack-model")
+    version = client.create_model_version("stack-model", run.info.artifact_uri, run.info.run_id)
+    client.set_registered_model_alias("stack-model", "champion", version.version)
+    # A data version ingested in one checkout goes to the object store, not a local folder.
+    ingested = ingest(DataConfig(source="sms", path=str(SMS_FILE)), tmp_path / "laptop")
+    bucket = state / "s3" / "dvc"
+    assert any(bucket.rglob(f"*{ingested.data_md5.removesuffix('.dir')[2:]}*"))
+    return {"run_id": run.info.run_id, "data_md5": ingested.data_md5}
+
+
+def read_back_from_the_stack(tmp_path: Path, client, written: dict) -> None:
+    """After down/up: the run, its artifact, the alias, and the data version in a new checkout."""
+    from peftflow.data.dvc_integrity import checkout_version
+    from peftflow.data.dvc_store import ensure_dvc_repo
+    from peftflow.errors import DataError
+
+    run = client.get_run(written["run_id"])
+    assert run.data.metrics["test_f1"] == 0.75
+    assert Path(client.download_artifacts(run.info.run_id, "note.txt")).read_text() == "kept"
+    assert client.get_model_version_by_alias("stack-model", "champion").run_id == run.info.run_id
+    # A worker's checkout that never saw the data: its own cache, the shared remote.
+    worker = tmp_path / "worker"
+    ensure_dvc_repo(worker)
+    folder = checkout_version(worker, written["data_md5"], tmp_path / "checked-out")
+    original = (tmp_path / "laptop" / "data" / "dataset.parquet").read_bytes()
+    assert (folder / "dataset.parquet").read_bytes() == original
+    missing = "0" * 32 + ".dir"
+    with pytest.raises(
+        DataError, match=re.escape(f"{missing[:32]}, it is missing; the remote s3://")
+    ):
+        checkout_version(worker, missing, tmp_path / "never-pushed")

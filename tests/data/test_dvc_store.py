@@ -98,3 +98,31 @@ def test_data_md5_needs_an_ingest_first(tmp_path):
 def test_operations_outside_a_dvc_repo_name_the_fix(tmp_path):
     with pytest.raises(DataError, match="open .* as a DVC repo.*run `peftflow ingest` first"):
         track(tmp_path)
+
+
+def test_the_shared_remote_from_the_environment_is_used_without_editing_dvc_config(
+    tmp_path, monkeypatch
+):
+    """PEFTFLOW_DVC_REMOTE (what `make up` exports) replaces "storage" in memory only."""
+    shared = tmp_path / "shared-remote"
+    laptop = git_repo(tmp_path / "laptop")
+    ensure_dvc_repo(laptop, None)
+    tracked_config = (laptop / ".dvc" / "config").read_text()
+    monkeypatch.setenv("PEFTFLOW_DVC_REMOTE", str(shared))
+    write_data(laptop, "a\nb\n")
+    md5 = track(laptop)
+    assert push(laptop) == 2  # the manifest and the one file
+    assert any(shared.rglob(md5.removesuffix(".dir")[2:] + ".dir"))
+    assert not (laptop / ".dvc-storage").exists()  # the tracked remote was not used
+    assert (laptop / ".dvc" / "config").read_text() == tracked_config
+
+    worker = git_repo(tmp_path / "worker")  # its own cache, same environment
+    ensure_dvc_repo(worker, None)
+    shutil.copy(laptop / "data.dvc", worker / "data.dvc")
+    pull(worker)
+    assert (worker / "data" / "rows.txt").read_text() == "a\nb\n"
+    monkeypatch.delenv("PEFTFLOW_DVC_REMOTE")
+    shutil.rmtree(worker / "data")
+    shutil.rmtree(worker / ".dvc" / "cache")
+    with pytest.raises(DataError, match="pull data"):
+        pull(worker)  # without it, the worker's own (empty) remote has nothing

@@ -162,13 +162,18 @@ def test_logged_params_and_tags_hold_no_environment_secret(monkeypatch, tmp_path
 
 
 def test_server_scripts_bind_loopback():
-    scripts = {
-        name: (ROOT / "infra" / name).read_text()
-        for name in ("mlflow-server.sh", "prefect-server.sh")
+    loopback_flag = {
+        "mlflow-server.sh": "--host 127.0.0.1",
+        "prefect-server.sh": "--host 127.0.0.1",
+        "postgres-server.sh": "-h 127.0.0.1",
+        "s3-server.sh": "--address 127.0.0.1",
     }
-    for name, text in scripts.items():
-        assert "--host 127.0.0.1" in text, name
+    for name, flag in loopback_flag.items():
+        text = (ROOT / "infra" / name).read_text()
+        assert flag in text, name
         assert "0.0.0.0" not in text, name
+    servers = sorted(p.name for p in (ROOT / "infra").glob("*-server.sh"))
+    assert servers == sorted(loopback_flag)  # a new server script must be listed here
 
 
 def mlflow_auth_ini(folder: Path, password: str) -> Path:

@@ -22,6 +22,11 @@ from peftflow.errors import DataError
 
 REMOTE_NAME = "storage"
 
+# The shared remote of a team's stack (`make up` prints it: s3://dvc/peftflow). When set it
+# is every DVC operation's "storage" remote, in memory only: a worker's clone keeps its
+# tracked .dvc/config and still pushes to and pulls from the one object store.
+REMOTE_ENV = "PEFTFLOW_DVC_REMOTE"
+
 
 DEFAULT_REMOTE_DIR = ".dvc-storage"
 
@@ -66,9 +71,17 @@ def default_remote(root: Path) -> str:
 @contextmanager
 def open_repo(root: Path) -> Iterator[Repo]:
     with dvc_errors(f"open {root} as a DVC repo", "run `peftflow ingest` first"):
-        repo = Repo(str(root))
+        repo = Repo(str(root), config=remote_override())
     with repo:
         yield repo
+
+
+def remote_override() -> dict | None:
+    """DVC config that makes ``$PEFTFLOW_DVC_REMOTE`` the "storage" remote, or None."""
+    url = os.environ.get(REMOTE_ENV, "").strip()
+    if not url:
+        return None
+    return {"core": {"remote": REMOTE_NAME}, "remote": {REMOTE_NAME: {"url": url}}}
 
 
 @contextmanager
