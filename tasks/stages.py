@@ -63,6 +63,11 @@ def ingest(ctx: RunContext, state: PipelineState):
     return stages.ingest(ctx, state)
 
 
+@task(name="checkout-data-version")
+def checkout_data(ctx: RunContext, state: PipelineState, md5: str, dest: str, purpose: str):
+    return stages.checkout_data(ctx, state, md5, dest, purpose)
+
+
 @task(name="validate-raw-data")
 @publish_failed_report
 def validate_raw(ctx: RunContext, state: PipelineState):
@@ -135,6 +140,7 @@ def promote(ctx: RunContext, state: PipelineState):
 STAGE_TASKS: dict[str, Task | Callable] = {
     "preflight": preflight,
     "ingest": ingest,
+    "checkout-data-version": checkout_data,
     "validate-raw-data": validate_raw,
     "split": split,
     "validate-splits": validate_splits,
@@ -152,4 +158,4 @@ def run_as_task(stage: Stage, ctx: RunContext, state: PipelineState):
     """Run ``stage`` as its Prefect task (the ``call`` of peftflow.pipeline.definition.run)."""
     if stage.name not in STAGE_TASKS:
         raise KeyError(f"stage {stage.name!r} has no Prefect task; add one to tasks/stages.py")
-    return STAGE_TASKS[stage.name](ctx, state)
+    return STAGE_TASKS[stage.name](ctx, state, **stage.kwargs)

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -81,3 +83,62 @@ def background(
         yield process
     finally:
         stop_process_group(process)
+
+
+# --- the stack of `make up` (infra/local-servers.sh) --------------------------------------
+
+LOCAL_SERVERS = Path(__file__).resolve().parents[1] / "infra" / "local-servers.sh"
+
+
+def stack_state_dir() -> Path:
+    """A folder for the stack's data. Not under tmp_path: pytest's folders are private to
+    their user, and as root Postgres runs as the system user postgres, which must enter it."""
+    state = Path(tempfile.mkdtemp(prefix="peftflow-stack-"))
+    state.chmod(0o755)
+    return state
+
+
+def stack_env(tmp_path: Path, state: Path) -> dict[str, str]:
+    """The environment of `make up` on free ports, its pids under tmp_path, its data in state."""
+    return {
+        **{
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("PREFECT_", "MLFLOW_", "AWS_", "PEFTFLOW_"))
+        },
+        "PEFTFLOW_RUN_DIR": str(tmp_path / "run"),
+        "PEFTFLOW_STATE_DIR": str(state),
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        **{f"{name}_PORT": str(free_port()) for name in ("PG", "S3", "PREFECT", "MLFLOW")},
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false",
+    }
+
+
+def client_env(up_output: str) -> dict[str, str]:
+    """The `export NAME=value` lines `up` prints for clients."""
+    return dict(
+        line.removeprefix("export ").split("=", 1)
+        for line in up_output.splitlines()
+        if line.startswith("export ")
+    )
+
+
+def run_stack(action: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(LOCAL_SERVERS), action], env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+@contextlib.contextmanager
+def local_stack(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """`make up` on free ports for one test: the client's environment; always `down` after."""
+    state = stack_state_dir()
+    env = stack_env(tmp_path, state)
+    try:
+        up = run_stack("up", env)
+        assert up.returncode == 0, up.stdout + up.stderr
+        yield client_env(up.stdout)
+    finally:
+        run_stack("down", env)
+        shutil.rmtree(state, ignore_errors=True)

@@ -23,12 +23,22 @@ PREFECT_YAML = REPO / "prefect.yaml"
 DEPLOYMENTS = {
     "finetune": "flows/finetune.py:finetune",
     "study": "flows/study.py:study",
+    "train-variant": "flows/train_variant.py:train_variant",
     "refresh": "flows/refresh.py:refresh",
     "promote": "flows/promote.py:promote",
     "rollback": "flows/promote.py:rollback",
 }
 # Required parameters a deployment cannot default: they are given at run time.
-GIVEN_AT_RUN = {"promote": {"version": "1"}}
+GIVEN_AT_RUN = {
+    "promote": {"version": "1"},
+    # The study flow gives these to each variant's flow run.
+    "train-variant": {
+        "study_path": "configs/studies/seven_questions.yaml",
+        "variant": "minilm-full",
+        "data_md5": "0" * 32 + ".dir",
+        "parent_run_id": "0" * 32,
+    },
+}
 SERVER_STARTUP_TIMEOUT_S = 150
 RUN_TIMEOUT_S = 420
 
@@ -76,6 +86,12 @@ def test_gpu_pools_are_documented_with_a_gpu_request():
     docker = pools["gpu_docker"]["job_variables"]["container_create_kwargs"]["device_requests"]
     assert docker == [{"driver": "nvidia", "count": 1, "capabilities": [["gpu"]]}]
     assert pools["gpu_k8s"]["job_variables"]["gpu_count"] == 1
+    # Both run the CUDA build of infra/Dockerfile, and pull data from the shared remote.
+    for pool in ("gpu_docker", "gpu_k8s"):
+        variables = pools[pool]["job_variables"]
+        assert variables["image"].endswith(":gpu"), pool
+        assert variables["env"]["PEFTFLOW_DVC_REMOTE"].startswith("s3://"), pool
+    assert "-t peftflow:gpu" in (REPO / "infra" / "Dockerfile").read_text()
 
 
 @pytest.mark.parametrize("name", sorted(DEPLOYMENTS))

@@ -4,16 +4,15 @@ Docker or Kubernetes here), and the local servers of `make up` / `make down` (ru
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import socket
 import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.servers import client_env, run_stack, stack_env, stack_state_dir
 
 REPO = Path(__file__).resolve().parents[1]
 INFRA = REPO / "infra"
@@ -149,6 +148,28 @@ def test_gpu_job_template_requests_one_nvidia_gpu_on_a_gpu_node():
     ]
 
 
+def test_gpu_job_template_extends_the_kubernetes_workers_own_and_renders_a_gpu_job():
+    """What prefect-kubernetes' worker builds from it: a Job whose pod asks for one GPU."""
+    from prefect.utilities.templating import apply_values
+    from prefect_kubernetes.worker import KubernetesWorker, KubernetesWorkerJobConfiguration
+
+    ours = gpu_template()
+    theirs = KubernetesWorker.get_default_base_job_template()
+    assert set(theirs["variables"]["properties"]) <= set(ours["variables"]["properties"])
+    assert set(theirs["job_configuration"]) <= set(ours["job_configuration"])
+    pools = yaml.safe_load((REPO / "prefect.yaml").read_text())["definitions"]["work_pools"]
+    variables = ours["variables"]["properties"]
+    values = {name: spec["default"] for name, spec in variables.items() if "default" in spec}
+    values |= pools["gpu_k8s"]["job_variables"]  # what the GPU deployments send
+    job = KubernetesWorkerJobConfiguration(**apply_values(ours["job_configuration"], values))
+    pod = job.job_manifest["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["resources"]["limits"] == {"nvidia.com/gpu": 1}
+    assert container["image"].endswith("peftflow:gpu")
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert job.env["PEFTFLOW_DVC_REMOTE"].startswith("s3://")
+
+
 def test_gpu_job_template_is_a_valid_work_pool_template():
     from prefect.server.schemas.actions import WorkPoolCreate
 
@@ -163,12 +184,6 @@ def test_gpu_job_template_is_a_valid_work_pool_template():
 
 
 # --- make up / make down ---------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_makefile_targets_call_the_local_servers_script():
@@ -187,32 +202,6 @@ def test_makefile_targets_call_the_local_servers_script():
     assert "/.run/" in (REPO / ".gitignore").read_text().splitlines()
 
 
-def stack_env(tmp_path: Path, state: Path) -> dict[str, str]:
-    """The environment of `make up` on free ports, its pids under tmp_path, its data in state."""
-    return {
-        **{
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith(("PREFECT_", "MLFLOW_", "AWS_", "PEFTFLOW_"))
-        },
-        "PEFTFLOW_RUN_DIR": str(tmp_path / "run"),
-        "PEFTFLOW_STATE_DIR": str(state),
-        "PREFECT_HOME": str(tmp_path / "prefect-home"),
-        **{f"{name}_PORT": str(_free_port()) for name in ("PG", "S3", "PREFECT", "MLFLOW")},
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_UI_ENABLED": "false",
-    }
-
-
-def client_env(up_output: str) -> dict[str, str]:
-    """The `export NAME=value` lines `up` prints for clients."""
-    return dict(
-        line.removeprefix("export ").split("=", 1)
-        for line in up_output.splitlines()
-        if line.startswith("export ")
-    )
-
-
 @pytest.mark.server
 @pytest.mark.slow
 def test_the_stack_keeps_runs_models_and_data_versions_across_down_and_up(tmp_path, monkeypatch):
@@ -220,20 +209,11 @@ def test_the_stack_keeps_runs_models_and_data_versions_across_down_and_up(tmp_pa
     from mlflow import MlflowClient
 
     run_dir = tmp_path / "run"
-    # Not under tmp_path: pytest's folders are private to their user, and as root the
-    # server runs as the system user postgres, which must reach its data folder.
-    state = Path(tempfile.mkdtemp(prefix="peftflow-stack-"))
-    state.chmod(0o755)
+    state = stack_state_dir()
     env = stack_env(tmp_path, state)
 
     def stack(action: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [str(INFRA / "local-servers.sh"), action],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        return run_stack(action, env)
 
     try:
         up = stack("up")

@@ -31,10 +31,11 @@ ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs" / "experiments").glob("*.yaml"))
 # Size only: training examples, epochs, evaluation examples: held-out shares of the real corpus
 # for classifiers (about 18 emails each: every label still in every split), generated test
-# rows for generators. A user's own table is small already: its split stays as configured.
+# rows and how many tokens each may generate for generators. A user's own table is small
+# already: its split stays as configured.
 TINY_BUDGET = {"data.split.max_train_examples": 8, "train.epochs": 1}
 CORPUS_EVAL = {"data.split.val_fraction": 0.003, "data.split.test_fraction": 0.003}
-GENERATOR_EVAL = {"generation.max_eval_examples": 2}
+GENERATOR_EVAL = {"generation.max_eval_examples": 2, "generation.max_new_tokens": 8}
 OWN_TABLE_ROWS = 300
 # A user's own rows are the kind of text their config is for, cut from real emails: SMS
 # messages (at most 160 characters), short messages, documents that fit the prompt budget.

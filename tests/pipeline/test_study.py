@@ -405,3 +405,24 @@ def test_study_nests_variant_runs_and_logs_the_report(prefect_server, tiny_model
     again = study(study_path=str(study_path), root=str(root), command="peftflow study x")
     assert [r["status"] for r in again.results] == ["cached"] * 3
     assert [r["run_id"] for r in again.results] == [r["run_id"] for r in summary.results]
+
+
+def test_a_worker_finds_its_variant_by_name_or_is_told_the_names(tmp_path):
+    from peftflow.pipeline.study import study_variant
+
+    two = [variant("a", "q"), variant("b", "q", **{"model.pooling": "first"})]
+    plan = plan_study(write_study(tmp_path, {"variants": two}))
+    assert study_variant(plan, "b").config.model.pooling == "first"
+    with pytest.raises(ConfigError, match=r"study s has no variant 'c' \(it has: a, b\)"):
+        study_variant(plan, "c")
+
+
+def test_workers_get_the_study_path_as_their_checkout_has_it(tmp_path):
+    from flows.study import _as_in_checkout
+
+    root = tmp_path / "project"
+    (root / "configs").mkdir(parents=True)
+    inside = root / "configs" / "s.yaml"
+    assert _as_in_checkout(str(inside), root) == "configs/s.yaml"
+    outside = tmp_path / "elsewhere.yaml"
+    assert _as_in_checkout(str(outside), root) == str(outside)

@@ -31,6 +31,12 @@ def study(
         help="Variants training at once, each in its own process (default: the study's "
         "max_parallel, else 1, or one per GPU with 2+ GPUs).",
     ),
+    deployment: str | None = typer.Option(
+        None,
+        help="Send every variant to the workers of this deployment (e.g. "
+        "train-variant/train-variant) instead of training here; needs PREFECT_API_URL "
+        "and a DVC remote the workers share (PEFTFLOW_DVC_REMOTE).",
+    ),
 ) -> None:
     """Run a sweep of variants as one Prefect flow; report under reports/<study>/."""
     from peftflow.pipeline.study import plan_study  # deferred: torch (method checks)
@@ -53,6 +59,7 @@ def study(
             force=force,
             remote_url=remote,
             max_parallel=max_parallel,
+            deployment=deployment,
         )
     except PeftflowError as err:
         fail(err)

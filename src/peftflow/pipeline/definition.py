@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from peftflow.config import ExperimentConfig
@@ -49,6 +50,12 @@ class Stage:
     run: StageFunction
     fills: tuple[str, ...]  # PipelineState fields; the first decides whether it already ran
     when: Callable[[RunContext, PipelineState], bool] = always
+    # Keyword arguments of this use of the stage (the data version a checkout restores).
+    params: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.params)
 
     def due(self, ctx: RunContext, state: PipelineState) -> bool:
         return not state.filled(self.fills[0]) and self.when(ctx, state)
@@ -135,7 +142,7 @@ Call = Callable[[Stage, RunContext, PipelineState], Any]
 
 
 def call_directly(stage: Stage, ctx: RunContext, state: PipelineState) -> Any:
-    return stage.run(ctx, state)
+    return stage.run(ctx, state, **stage.kwargs)
 
 
 def run(
@@ -174,3 +181,17 @@ def variant_pipeline(cfg: ExperimentConfig, force: bool = False) -> Pipeline:
     """A study variant: its data, checks and baseline come from the study; nothing registers."""
     pipeline = finetune_pipeline(cfg, baseline=False, force=force)
     return pipeline.without("register-model", "promote-model")
+
+
+def on_data_version(pipeline: Pipeline, md5: str, dest: Path, purpose: str) -> Pipeline:
+    """``pipeline`` with its ingest replaced by a checkout of data version ``md5`` into ``dest``.
+
+    The raw-data suite still runs on what was checked out (as it gated the ingest).
+    """
+    checkout = Stage(
+        "checkout-data-version",
+        stages.checkout_data,
+        ("ingested",),
+        params=(("md5", md5), ("dest", str(dest)), ("purpose", purpose)),
+    )
+    return pipeline.replacing("ingest", checkout)

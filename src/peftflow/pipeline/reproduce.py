@@ -15,7 +15,7 @@ tokenisation), training runs again as a new MLflow run (tags ``peftflow.kind=
 reproduction``, ``peftflow.reproduces=<run id>``) and every ``test_*`` metric is
 compared with the original within a tolerance.
 
-Depends on: config, data, tracking.
+Depends on: config, tracking.
 """
 
 from __future__ import annotations
@@ -37,12 +37,10 @@ from mlflow.exceptions import MlflowException
 from pydantic import BaseModel
 
 from peftflow.config import METHOD_SETTINGS, ExperimentConfig, parse_config
-from peftflow.data.dvc_integrity import checkout_version
-from peftflow.data.ingest import TABLE_NAME
-from peftflow.errors import ConfigError, DataError, PeftflowError
+from peftflow.errors import ConfigError, PeftflowError
 from peftflow.gitinfo import git_commit
 from peftflow.pipeline import definition, stages
-from peftflow.pipeline.results import Ingested, PipelineState, RunContext
+from peftflow.pipeline.results import PipelineState, RunContext
 from peftflow.tracking.runs import RunResult, check_tracking_server, resolve_tracking_uri
 
 DATA_MD5_TAG = "peftflow.data_md5"
@@ -319,24 +317,12 @@ def _rerun(
     tags = {KIND_TAG: REPRODUCTION_KIND, REPRODUCES_TAG: original_id}
     ctx = RunContext(cfg, root, extra_tags=tags)
     with tempfile.TemporaryDirectory(dir=work, prefix="data-") as scratch:
-        checkout = definition.Stage(
-            "checkout-data-version",
-            lambda ctx, state: _checkout(md5, Path(scratch) / "data", root, original_id),
-            ("ingested",),
-        )
         pipeline = definition.finetune_pipeline(cfg, baseline=baseline, force=True)
-        pipeline = pipeline.replacing("ingest", checkout).without("register-model", "promote-model")
+        pipeline = definition.on_data_version(
+            pipeline, md5, Path(scratch) / "data", f"run {original_id}"
+        ).without("register-model", "promote-model")
         state = definition.run(pipeline, ctx, PipelineState())
     return state.trained
-
-
-def _checkout(md5: str, dest: Path, root: Path, original_id: str) -> Ingested:
-    """Data version ``md5`` from the verified DVC cache (or the remote), into ``dest``."""
-    try:
-        folder = checkout_version(root, md5, dest)
-    except DataError as err:
-        raise DataError(f"cannot restore data {md5} of run {original_id}: {err}") from None
-    return Ingested(md5, str(folder / TABLE_NAME), 0, {}, "dvc-checkout")
 
 
 def _record(client: MlflowClient, outcome: Reproduction) -> None:

@@ -22,8 +22,11 @@ from mlflow.models import infer_signature
 
 import peftflow
 from peftflow.config import ExperimentConfig
+from peftflow.data.dvc_integrity import checkout_version
+from peftflow.data.ingest import TABLE_NAME
 from peftflow.data.ingest import ingest as ingest_data
 from peftflow.data.split import SPLITS
+from peftflow.errors import DataError
 from peftflow.models.facts import ModelFacts
 from peftflow.pipeline.results import (
     CheckOutcome,
@@ -147,6 +150,22 @@ def ingest(ctx: RunContext, state: PipelineState) -> tuple[Ingested, CheckOutcom
     )
     paths = _write_report(passed[0], check_reports_dir(ctx, result.data_md5))
     return ingested, CheckOutcome(passed[0].suite, paths)
+
+
+def checkout_data(
+    ctx: RunContext, state: PipelineState, md5: str, dest: str, purpose: str
+) -> Ingested:
+    """Data version ``md5`` from the verified DVC cache, else the remote, into the new ``dest``.
+
+    Where the data was ingested elsewhere (a study's variant on a worker, a reproduction),
+    this replaces the ingest. A version the remote lacks fails here, before any training,
+    with ``purpose`` and the md5 in the message.
+    """
+    try:
+        folder = checkout_version(ctx.root, md5, Path(dest))
+    except DataError as err:
+        raise DataError(f"cannot restore data {md5} for {purpose}: {err}") from None
+    return Ingested(md5, str(folder / TABLE_NAME), 0, {}, "dvc-checkout")
 
 
 def validate_raw(ctx: RunContext, state: PipelineState) -> CheckOutcome:

@@ -176,6 +176,15 @@ def load_study(path: str | Path) -> StudyConfig:
         raise ConfigError("\n".join([f"invalid study config {path}:", *problems])) from None
 
 
+def study_variant(plan: StudyPlan, name: str) -> StudyVariant:
+    """The plan's variant called ``name`` (a worker given one variant of a study)."""
+    for variant in plan.variants:
+        if variant.name == name:
+            return variant
+    names = ", ".join(v.name for v in plan.variants)
+    raise ConfigError(f"study {plan.study.name} has no variant {name!r} (it has: {names})")
+
+
 def plan_study(path: str | Path) -> StudyPlan:
     """Load a study and validate every variant before anything runs."""
     path = Path(path)
@@ -383,13 +392,24 @@ def variant_parallelism(requested: int | None) -> int:
     return gpus if gpus >= 2 else 1
 
 
-def variant_result(variant: StudyVariant, run: RunResult | None, error: str = "") -> dict:
+# A variant whose process died (a killed or lost worker) rather than raising an error.
+CRASHED = "crashed"
+# The statuses of variants that produced no run.
+NOT_TRAINED = ("failed", CRASHED)
+
+
+def variant_result(
+    variant: StudyVariant, run: RunResult | None, error: str = "", crashed: bool = False
+) -> dict:
     """The report's row for one variant: identity, settings, status and the reported metrics.
 
-    ``run`` is the variant's trained (or cached) run; None, with ``error``, when it failed.
+    ``run`` is the variant's trained (or cached) run; None, with ``error``, when it failed
+    (``crashed``: its process died, so it raised nothing).
     """
     metrics = run.metrics if run else {}
-    status = "failed" if error else "cached" if run and run.cached else "trained"
+    status = "cached" if run and run.cached else "trained"
+    if error:
+        status = CRASHED if crashed else "failed"
     return {
         "variant": variant.name,
         "questions": list(variant.questions),

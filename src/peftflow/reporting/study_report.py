@@ -91,8 +91,8 @@ COLUMNS: tuple[tuple[str, Callable[[Row], str]], ...] = (
 
 def _status(row: Row) -> str:
     run = f" `{row['run_id'][:8]}`" if row.get("run_id") else ""
-    if row.get("status") == "failed":
-        return f"failed: {row.get('error', '')}"
+    if row.get("status") in ("failed", "crashed"):
+        return f"{row['status']}: {row.get('error', '')}"
     return f"{row.get('status', MISSING)}{run}"
 
 

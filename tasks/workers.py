@@ -1,0 +1,90 @@
+"""Variants on workers: flow runs of a deployment, submitted by a study and waited for.
+
+Prefect does the dispatch (``run_deployment`` puts a flow run on the deployment's work
+pool; any worker polling that pool takes it) and notices a lost worker (the flow run
+stops sending heartbeats; the automation below marks it Crashed). What is left here is
+waiting for several flow runs at once: ``run_deployment`` waits for one.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+from uuid import UUID
+
+from prefect import get_client, get_run_logger
+from prefect.automations import Automation
+from prefect.client.schemas.objects import StateType
+from prefect.deployments import run_deployment
+from prefect.events.actions import ChangeFlowRunState
+from prefect.events.schemas.automations import EventTrigger, Posture
+from prefect.states import State
+
+# A flow run sends a heartbeat every PREFECT_FLOWS_HEARTBEAT_FREQUENCY seconds (Prefect's
+# default 180, at least 30); one missing for this long means its process is gone.
+CRASH_AUTOMATION = "peftflow: crash flow runs without heartbeats"
+FINAL_EVENTS = {
+    f"prefect.flow-run.{state}" for state in ("Completed", "Failed", "Cancelled", "Crashed")
+}
+POLL_SECONDS = 2.0
+
+
+def detect_lost_flow_runs(heartbeat_seconds: int) -> None:
+    """Create (once per server) the automation that marks a silent flow run Crashed.
+
+    It is Prefect's documented answer to a worker that dies with its flow runs (power,
+    OOM killer, a node gone): nothing else would ever end their Running state.
+    """
+    try:
+        Automation.read(name=CRASH_AUTOMATION)
+        return
+    except ValueError:
+        pass
+    Automation(
+        name=CRASH_AUTOMATION,
+        trigger=EventTrigger(
+            after={"prefect.flow-run.heartbeat"},
+            expect={"prefect.flow-run.heartbeat", *FINAL_EVENTS},
+            match={"prefect.resource.id": ["prefect.flow-run.*"]},
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=timedelta(seconds=2 * heartbeat_seconds + 15),
+        ),
+        actions=[
+            ChangeFlowRunState(
+                state=StateType.CRASHED,
+                message="its worker stopped sending heartbeats (killed, or lost)",
+            )
+        ],
+    ).create()
+
+
+def submit(deployment: str, runs: dict[str, dict]) -> dict[str, UUID]:
+    """One flow run of ``deployment`` per ``{idempotency key: parameters}``; their ids.
+
+    The key makes a resubmission (the study flow retried) find the flow run it made
+    before instead of training the variant twice.
+    """
+    return {
+        key: run_deployment(deployment, parameters=params, timeout=0, idempotency_key=key).id
+        for key, params in runs.items()
+    }
+
+
+def wait_until_final(flow_run_ids: dict[str, UUID]) -> dict[str, State]:
+    """Each flow run's final state (Completed, Failed, Crashed or Cancelled)."""
+    final: dict[str, State] = {}
+    logger = get_run_logger()
+    with get_client(sync_client=True) as client:
+        while len(final) < len(flow_run_ids):
+            for key, run_id in flow_run_ids.items():
+                if key in final:
+                    continue
+                state = client.read_flow_run(run_id).state
+                if state is not None and state.is_final():
+                    logger.info("%s: %s", key, state.name)
+                    final[key] = state
+            if len(final) < len(flow_run_ids):
+                time.sleep(POLL_SECONDS)
+    return {key: final[key] for key in flow_run_ids}
