@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 from torch import nn
 
 from peftflow.config import ExperimentConfig
@@ -24,7 +25,12 @@ from peftflow.task.base import TaskKind
 from peftflow.tracking.runs import RunTracker
 from peftflow.training.allocator import loaded_allocator
 from peftflow.training.checkpoint import Checkpoints
-from peftflow.training.estimate import estimate_device, estimate_for_model, runtime_baseline_bytes
+from peftflow.training.estimate import (
+    estimate_device,
+    estimate_for_model,
+    precision_mode,
+    runtime_baseline_bytes,
+)
 from peftflow.training.loop import TrainOutcome, train_model
 from peftflow.training.precision import pick_device
 
@@ -61,7 +67,7 @@ def train_and_evaluate(
     log_base_reference(tracker, base, cfg)
     data = task.prepare(cfg, tokenizer, splits)
     outcome = train_model(model, data.objective, cfg, epoch_logger(tracker), checkpoints)
-    tracker.set_tags(outcome_tags(outcome))
+    tracker.set_tags(outcome_tags(outcome, cfg))
     final = task.final_metrics(model, tokenizer, data, cfg, tracker, out_dir, baseline)
     final.update(outcome_metrics(trainable, total, outcome))
     tracker.log_metrics(final)
@@ -116,13 +122,13 @@ def epoch_logger(tracker: RunTracker):
     return log_epoch
 
 
-def outcome_tags(outcome: TrainOutcome) -> dict[str, str]:
+def outcome_tags(outcome: TrainOutcome, cfg: ExperimentConfig) -> dict[str, str]:
     """Where and how a run trained: the device, the precision ``train.precision`` resolved to
     there, the C allocator (which decides how far a CPU run's RSS exceeds its live memory,
     docs/memory.md) and, data-parallel, the replicas."""
     tags = {
         "peftflow.device": outcome.device,
-        "peftflow.precision": "bf16-autocast" if outcome.bf16_autocast else "fp32",
+        "peftflow.precision": precision_mode(cfg, torch.device(outcome.device).type),
         "peftflow.allocator": loaded_allocator(),
     }
     if outcome.processes > 1:

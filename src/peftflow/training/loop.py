@@ -39,7 +39,6 @@ from peftflow.training.finite_guard import FINITE_SYNC_STEPS, FiniteGuard, NonFi
 from peftflow.training.memory import peak_memory_mb, reset_peak_memory
 from peftflow.training.objective import Objective
 from peftflow.training.precision import (
-    autocasts,
     compiled_for_training,
     pick_device,
     store_frozen_weights_for_autocast,
@@ -59,7 +58,6 @@ class TrainOutcome:
     tokens_per_second: float = 0.0
     peak_memory_mb: float = 0.0
     device: str = "cpu"
-    bf16_autocast: bool = False  # the precision train.precision resolved to on this device
     processes: int = 1  # data-parallel replicas that trained together
     backend: str = ""  # their collective backend (gloo, nccl) when more than one
     weights_digest: str = ""  # sha256 of the trainable weights all replicas agreed on (N > 1)
@@ -147,7 +145,7 @@ def train_model(
         if checkpoints:  # the same run key would replay the same steps into the same fault
             checkpoints.discard()
         raise
-    outcome = TrainOutcome(device=str(device), bf16_autocast=autocasts(device, tc.precision))
+    outcome = TrainOutcome(device=str(device))
     outcome.train_seconds = progress.seconds + time.perf_counter() - started
     return _finish(model, objective, tc, progress, replicas, outcome)
 
