@@ -19,6 +19,7 @@
 # override the stores (for example a managed Postgres and a real bucket: docs/deploy.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. infra/pg-bin.sh
 
 RUN_DIR="${PEFTFLOW_RUN_DIR:-.run}"
 export PEFTFLOW_STATE_DIR="${PEFTFLOW_STATE_DIR:-.stack}"
@@ -86,12 +87,6 @@ port_of() {
 
 psql_() {  # psql as the superuser, against the stack's Postgres
   "$(pg_bin)/psql" -h 127.0.0.1 -p "$PG_PORT" -U postgres -v ON_ERROR_STOP=1 -qtA "$@"
-}
-
-pg_bin() {
-  if [[ -n "${PG_BIN:-}" ]]; then echo "$PG_BIN"; return; fi
-  if command -v psql >/dev/null; then dirname "$(command -v psql)"; return; fi
-  ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1
 }
 
 healthy() {

@@ -3,8 +3,8 @@
 # Usage: infra/postgres-server.sh [PORT]      (what `make up` runs; foreground, TCP only)
 #
 # Data: $PEFTFLOW_STATE_DIR/postgres (default .stack/postgres), created by initdb on the
-# first start and kept by `make down`. The binaries come from PG_BIN, else PATH, else
-# the newest /usr/lib/postgresql/*/bin (Debian's layout). initdb and postgres refuse to
+# first start and kept by `make down`. The binaries: infra/pg-bin.sh (PG_BIN, PATH, or
+# Debian's /usr/lib/postgresql/*/bin). initdb and postgres refuse to
 # run as root, so as root they run as the system user "postgres", which owns the folder.
 # Connections from 127.0.0.1 are trusted: the server never listens anywhere else.
 set -euo pipefail
@@ -13,18 +13,7 @@ port="${1:-5432}"
 state="$(realpath -m "${PEFTFLOW_STATE_DIR:-.stack}")"
 data="$state/postgres"
 
-pg_bin() {
-  if [[ -n "${PG_BIN:-}" ]]; then echo "$PG_BIN"; return; fi
-  if command -v initdb >/dev/null; then dirname "$(command -v initdb)"; return; fi
-  local newest
-  newest="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)"
-  if [[ -z "$newest" ]]; then
-    echo "no PostgreSQL server binaries: install PostgreSQL (apt-get install postgresql)" \
-      "or set PG_BIN to the folder that holds initdb and postgres" >&2
-    exit 1
-  fi
-  echo "$newest"
-}
+. infra/pg-bin.sh
 bin="$(pg_bin)"
 
 owner=()  # initdb and postgres run as the data folder's owner
