@@ -71,6 +71,8 @@ def study(
     once is then the workers' and the pool's concurrency limit).
     """
     plan = plan_study(study_path)
+    if deployment:
+        workers.require_deployment(deployment)
     parallel = variant_parallelism(
         plan.study.max_parallel if max_parallel is None else max_parallel
     )

@@ -60,6 +60,27 @@ def detect_lost_flow_runs(heartbeat_seconds: int) -> None:
     ).create()
 
 
+def require_deployment(name: str) -> None:
+    """Refuse an unknown ``flow/deployment`` before the study ingests or trains anything."""
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_deployment_by_name(name)
+        except ObjectNotFound:
+            known = _deployment_names(client)
+            raise ValueError(
+                f"no deployment {name!r} on the Prefect server; deployed: "
+                f"{', '.join(known) or 'none'} (run `prefect deploy --all`, or name one of these)"
+            ) from None
+
+
+def _deployment_names(client) -> list[str]:
+    """``flow/deployment`` of every deployment (a deployment holds only its flow's id)."""
+    flows = {flow.id: flow.name for flow in client.read_flows()}
+    return sorted(f"{flows.get(d.flow_id, '?')}/{d.name}" for d in client.read_deployments())
+
+
 def submit(deployment: str, runs: dict[str, dict]) -> dict[str, UUID]:
     """One flow run of ``deployment`` per ``{idempotency key: parameters}``; their ids.
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,7 @@ GIVEN_AT_RUN = {
 }
 SERVER_STARTUP_TIMEOUT_S = 150
 RUN_TIMEOUT_S = 420
+INTERVAL_S = 10  # the refresh schedule in the test: nightly in prefect.yaml
 
 
 def load_prefect_yaml() -> dict:
@@ -76,7 +78,9 @@ def test_refresh_is_scheduled_nightly_in_utc():
     assert schedule["cron"] == "0 3 * * *"
     assert schedule["timezone"] == "UTC"
     assert schedule.get("active", True) is True
-    assert refresh["parameters"]["config_paths"] == ["configs/experiments/demo.yaml"]
+    # It watches a source that grows (a mail folder), so it can retrain.
+    (config_path,) = refresh["parameters"]["config_paths"]
+    assert load_config(REPO / config_path).data.source == "folder"
 
 
 def test_gpu_pools_are_documented_with_a_gpu_request():
@@ -130,8 +134,9 @@ def _prefect_env(home: Path, api_url: str | None = None) -> dict[str, str]:
         PREFECT_HOME=str(home),
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         PREFECT_UI_ENABLED="false",
-        # The nightly cron must not fire a real refresh of the repo's data during the test.
-        PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED="false",
+        # The scheduler is on (the refresh test shortens the nightly schedule to seconds);
+        # it looks at new or changed schedules every few seconds.
+        PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="5",
         MLFLOW_DISABLE_TELEMETRY="true",
         DO_NOT_TRACK="1",
     )
@@ -167,25 +172,96 @@ def prefect_api(tmp_path) -> Iterator[tuple[str, Path]]:
         yield api_url, home
 
 
+def deliver_mail(folder: Path, table, start: int) -> None:
+    """Write each row as a raw email into ``folder/<label>/``, renamed into place whole."""
+    for number, row in enumerate(table.itertuples(), start=start):
+        target = folder / row.label / f"m{number:05d}.eml"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        body = row.text.split("\n\n", 1)[1]
+        partial = target.with_name(target.name + ".part")
+        partial.write_text(f"From: someone@example.org\nSubject: {row.subject}\n\n{body}\n")
+        partial.replace(target)
+
+
+class ScheduledRuns:
+    """The refresh deployment's flow runs as the scheduler starts them, read with their logs."""
+
+    def __init__(self, client, deployment_id, worker_log: Path):
+        self.client, self.deployment_id, self.worker_log = client, deployment_id, worker_log
+        self.seen_ids: set = set()
+
+    def next_completed(self, after: float, timeout: float = RUN_TIMEOUT_S) -> tuple[object, str]:
+        """The first run started after ``after`` (epoch s) that completed, with its logs.
+
+        A run that ended otherwise fails the test, except one cancelled by the
+        deployment's concurrency limit (a run due while another still runs).
+        """
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for run in self._finished_since(after):
+                if run.state.is_completed():
+                    return run, self._logs(run)
+                assert run.state.is_cancelled(), (
+                    f"scheduled refresh ended {run.state.name}: {run.state.message}\n"
+                    f"{self._logs(run)}\nworker log:\n{tail(self.worker_log)}"
+                )
+            time.sleep(2)
+        worker = tail(self.worker_log)
+        raise AssertionError(f"no scheduled refresh completed; worker log:\n{worker}")
+
+    def _finished_since(self, after: float) -> list:
+        from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+        from prefect.client.schemas.sorting import FlowRunSort
+
+        runs = self.client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[self.deployment_id])),
+            sort=FlowRunSort.EXPECTED_START_TIME_ASC,
+        )
+        fresh = [
+            run
+            for run in runs
+            if run.id not in self.seen_ids
+            and run.state is not None
+            and run.state.is_final()
+            and run.expected_start_time.timestamp() >= after
+        ]
+        self.seen_ids.update(run.id for run in fresh)
+        return fresh
+
+    def _logs(self, run) -> str:
+        from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+        deadline = time.monotonic() + 30  # run logs are shipped in batches, after the state
+        while True:
+            logs = self.client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+            text = "\n".join(log.message for log in logs)
+            if "Finished in state" in text or time.monotonic() > deadline:  # the engine's last line
+                return text
+            time.sleep(1)
+
+
 @pytest.mark.server
 @pytest.mark.slow
-def test_refresh_deployment_trains_once_then_reports_unchanged_data(prefect_api, tmp_path):
+def test_scheduled_refresh_retrains_only_when_new_mail_arrives(prefect_api, tmp_path):
+    """The shipped refresh deployment, its schedule shortened to seconds, on a real server
+    with the scheduler on and a process worker: the first run trains, the next trains
+    nothing, new labelled mail lands in the folder, the next run retrains once and the
+    gate decides, with its reason on the new model version.
+    """
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (
-        FlowRunFilter,
-        FlowRunFilterParentFlowRunId,
-        LogFilter,
-        LogFilterFlowRunId,
-    )
-    from prefect.deployments import run_deployment
+    from prefect.client.schemas.schedules import IntervalSchedule
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     api_url, home = prefect_api
     env = _prefect_env(home, api_url)
+    began = time.time()
     model_dir = build_tiny_model_dir("bert", tmp_path / "tiny-bert")
     root = tmp_path / "project"
-    config_path = make_project(root, synthetic_spam_table(240), model_dir, "tiny-refresh")
+    config_path = make_project(root, synthetic_spam_table(8), model_dir, "tiny-refresh")
+    inbox = root / "inbox"
+    deliver_mail(inbox, synthetic_spam_table(200, seed=0), start=0)
     config = yaml.safe_load(config_path.read_text())
+    config["data"] = {"source": "folder", "path": str(inbox), "min_class_fraction": 0.1}
     config["train"]["epochs"] = 1  # what is checked is the orchestration, not the model
     config_path.write_text(yaml.safe_dump(config))
 
@@ -195,7 +271,7 @@ def test_refresh_deployment_trains_once_then_reports_unchanged_data(prefect_api,
     worker_env = {**env, "PEFTFLOW_ROOT": str(REPO), "PREFECT_WORKER_QUERY_SECONDS": "2"}
     worker_log = tmp_path / "worker.log"
     worker_cmd = [sys.executable, "-m", "prefect", "worker", "start", "--pool", "cpu"]
-    worker_cmd += ["--type", "process", "--limit", "1"]
+    worker_cmd += ["--type", "process"]
     # Started outside the checkout: the pull step must move each run into PEFTFLOW_ROOT.
     with (
         background(worker_cmd, worker_env, tmp_path, worker_log),
@@ -205,66 +281,55 @@ def test_refresh_deployment_trains_once_then_reports_unchanged_data(prefect_api,
         deployments = {d.name: d for d in client.read_deployments()}
         assert set(deployments) == set(DEPLOYMENTS)
         refresh = deployments["refresh"]
-        assert refresh.entrypoint == DEPLOYMENTS["refresh"]
-        assert refresh.work_pool_name == "cpu"
-        (schedule,) = refresh.schedules
-        assert schedule.schedule.cron == "0 3 * * *" and schedule.schedule.timezone == "UTC"
-        assert refresh.parameters["config_paths"] == ["configs/experiments/demo.yaml"]
-
-        parameters = {"config_paths": [str(config_path)], "root": str(root)}
-
-        def trigger(last_line: str) -> tuple[object, str]:
-            """Run the deployment; return the run and its logs once ``last_line`` arrived."""
-            run = run_deployment(
-                "refresh/refresh", parameters=parameters, timeout=RUN_TIMEOUT_S, poll_interval=2
-            )
-            state = run.state
-            assert state is not None and state.is_completed(), (
-                f"refresh ended {state.name if state else None}; worker log:\n{tail(worker_log)}"
-            )
-            deadline = time.monotonic() + 30  # run logs are shipped in batches, after the state
-            while True:
-                logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
-                text = "\n".join(log.message for log in logs)
-                if last_line in text or time.monotonic() > deadline:
-                    return run, text
-                time.sleep(1)
-
-        started = time.monotonic()
-        first, first_logs = trigger("variant tiny-refresh: trained")
-        first_s = time.monotonic() - started
+        assert refresh.entrypoint == DEPLOYMENTS["refresh"] and refresh.work_pool_name == "cpu"
+        (nightly,) = refresh.schedules
+        assert nightly.schedule.cron == "0 3 * * *" and nightly.schedule.timezone == "UTC"
+        # The shipped deployment as it is, but due every few seconds, on this project.
+        client.update_deployment_schedule(
+            refresh.id,
+            nightly.id,
+            schedule=IntervalSchedule(interval=timedelta(seconds=INTERVAL_S)),
+            parameters={"config_paths": [str(config_path)], "root": str(root)},
+        )
+        runs = ScheduledRuns(client, refresh.id, worker_log)
         store = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
-        versions = store.search_model_versions("name='tiny-spam'")
-        assert len(versions) == 1, f"the first refresh registers a version:\n{first_logs}"
-        assert str(store.get_model_version_by_alias("tiny-spam", "champion").version) == "1"
+
+        started = time.time()
+        first, first_logs = runs.next_completed(after=started - INTERVAL_S)
+        assert "no earlier refresh of these configs" in first_logs, first_logs
+        assert "variant tiny-refresh: trained" in first_logs and ", registered v1, promoted" in (
+            first_logs
+        )
+        first_s = time.time() - started
+
+        second, second_logs = runs.next_completed(after=first.end_time.timestamp())
+        assert "nothing to train" in second_logs, second_logs
+        unchanged_s = time.time() - started - first_s
+
+        deliver_mail(inbox, synthetic_spam_table(100, seed=1), start=200)
+        arrived = time.time()
+        third, third_logs = runs.next_completed(after=arrived)
+        assert "data changed (md5 " in third_logs, third_logs
+        assert "variant tiny-refresh: trained" in third_logs and "registered v2" in third_logs
+        retrain_s = time.time() - arrived
+        client.update_deployment_schedule(refresh.id, nightly.id, active=False)
+
         experiment = store.get_experiment_by_name("integration").experiment_id
         finetunes = store.search_runs([experiment], "tags.`peftflow.kind` = 'finetune'")
-        assert len(finetunes) == 1
-        assert "no earlier refresh of these configs" in first_logs
-        assert "variant tiny-refresh: trained" in first_logs
-        assert ", registered v1, promoted" in first_logs
-        children = client.read_flow_runs(
-            flow_run_filter=FlowRunFilter(
-                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[first.id])
-            )
-        )
-        assert len(children) == 1, "one finetune subflow per configured variant"
-
-        started = time.monotonic()
-        second, second_logs = trigger("nothing to train")
-        second_s = time.monotonic() - started
-        md5 = finetunes[0].data.tags["peftflow.data_md5"]
-        assert f"data unchanged (md5 {md5}): nothing to train" in second_logs
-        assert len(store.search_model_versions("name='tiny-spam'")) == 1
-        assert len(store.search_runs([experiment], "tags.`peftflow.kind` = 'finetune'")) == 1
+        md5s = {run.data.tags["peftflow.data_md5"] for run in finetunes}
+        assert len(finetunes) == 2 and len(md5s) == 2, "one training per data version"
         refreshes = store.search_runs([experiment], "tags.`peftflow.kind` = 'refresh'")
-        assert len(refreshes) == 1 and refreshes[0].info.status == "FINISHED"
-        assert (
-            client.read_flow_runs(
-                flow_run_filter=FlowRunFilter(
-                    parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[second.id])
-                )
-            )
-            == []
-        ), "unchanged data starts no finetune subflow"
-    print(f"refresh via worker: first run {first_s:.0f} s, second run {second_s:.0f} s")
+        assert sorted(r.data.tags["peftflow.data_md5"] for r in refreshes) == sorted(md5s)
+        assert all(r.info.status == "FINISHED" for r in refreshes)
+        # The gate decided on version 2, and its reason is on the version itself.
+        version = store.get_model_version("tiny-spam", "2")
+        decision = version.tags["peftflow.promotion.decision"]
+        assert version.tags["peftflow.promotion.reason"]
+        champion = store.get_model_version_by_alias("tiny-spam", "champion").version
+        assert str(champion) == ("2" if decision == "promoted" else "1"), version.tags
+        assert decision in ("promoted", "refused")
+        assert ("promoted: " if decision == "promoted" else "not promoted: ") in third_logs
+    print(
+        f"scheduled refresh: set-up {started - began:.0f} s, first training {first_s:.0f} s, "
+        f"unchanged {unchanged_s:.0f} s, retrain after new mail {retrain_s:.0f} s"
+    )

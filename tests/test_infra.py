@@ -44,7 +44,7 @@ def test_compose_has_the_servers_their_stores_and_a_worker():
     assert {"postgres", "minio", "mlflow", "prefect-server", "worker-cpu"} <= set(services)
 
     mlflow = _command(services["mlflow"])
-    assert "--backend-store-uri=postgresql://" in mlflow
+    assert "--backend-store-uri=postgresql+psycopg://" in mlflow  # SQLAlchemy 2.0: name psycopg 3
     assert "--artifacts-destination=s3://mlflow/" in mlflow
     assert services["mlflow"]["environment"]["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
     assert "mb --ignore-existing local/mlflow" in _command(services["minio-bucket"])

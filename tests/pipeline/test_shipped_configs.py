@@ -20,6 +20,7 @@ import pytest
 from mlflow import MlflowClient
 
 from peftflow.config import ExperimentConfig, load_config
+from peftflow.data.mail_folder import deliver
 from peftflow.data.subjects import generation_examples
 from peftflow.errors import FetchError
 from peftflow.pipeline import definition
@@ -62,7 +63,7 @@ def tiny(cfg_path: Path, **overrides) -> ExperimentConfig:
     if cfg.task == "generation":
         evaluation = GENERATOR_EVAL
     else:
-        evaluation = CORPUS_EVAL if cfg.data.source == "spamassassin" else {}
+        evaluation = CORPUS_EVAL if cfg.data.source in ("spamassassin", "folder") else {}
     return load_config(cfg_path, {**TINY_BUDGET, **evaluation, **overrides})
 
 
@@ -113,6 +114,10 @@ def prepared(cfg_path: Path, spamassassin, tmp_path, monkeypatch):
     root = tmp_path / "project"
     root.mkdir()
     monkeypatch.chdir(root)  # a user's relative data path is relative to where they run
+    if source == "folder":  # the mail folder of the nightly refresh: the 2002 release lands
+        cfg = tiny(cfg_path)
+        deliver("2002", root / cfg.data.path, spamassassin[0] / ".cache" / "peftflow")
+        return cfg, root, PipelineState()
     if source == "sms":
         path = root / "SMSSpamCollection"
         sms_collection(corpus(spamassassin), path)

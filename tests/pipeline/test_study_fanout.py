@@ -208,3 +208,16 @@ def test_study_trains_variants_concurrently_in_order_and_records_a_failure(
     # Again: both trained variants come from the cache, only the broken one is retried.
     again = study(study_path=str(study_path), root=str(root), command="peftflow study x")
     assert [row["status"] for row in again.results] == ["cached", "failed", "cached"]
+
+
+def test_an_unknown_deployment_is_refused_before_any_data_is_touched(
+    prefect_server, tmp_path, monkeypatch
+):
+    from flows.study import study
+
+    study_path = write_study(tmp_path, {"variants": [variant("only", "Does it run?")]})
+    monkeypatch.chdir(tmp_path)
+
+    with pytest.raises(ValueError, match="no deployment 'train-variant/nope'.*prefect deploy"):
+        study(study_path=str(study_path), root=str(tmp_path), deployment="train-variant/nope")
+    assert not (tmp_path / "data").exists() and not (tmp_path / "data.dvc").exists()

