@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from functools import partial
 from pathlib import Path
 
 import pytest
+import yaml
 
 from peftflow.config import parse_config
 from peftflow.errors import PeftflowError, TrainingError
@@ -79,18 +81,26 @@ def test_the_launched_module_refuses_to_run_outside_a_launcher(monkeypatch, tmp_
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_train_one_run_in_the_pipeline(
-    tiny_models, tmp_path, monkeypatch, capfd
+def test_a_flow_run_with_two_devices_trains_one_run_as_one_process_would(
+    prefect_server, tiny_models, tmp_path, monkeypatch, capfd
 ):
+    """The finetune flow, given ``train.devices: 2`` as a deployment run's ``overrides``:
+    two gloo processes under DDP train one MLflow run, under the run key of the
+    one-process config."""
     from mlflow import MlflowClient
+
+    from flows.finetune import finetune
 
     for key, value in CPU_ONLY.items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     root = tmp_path / "project"
-    cfg = ddp_project(root, tiny_models["llama"])
-    pipeline = definition.finetune_pipeline(cfg, baseline=False)
-    state = definition.run(pipeline, RunContext(cfg, root))
+    cfg = ddp_project(root, tiny_models["llama"], devices=1)
+    config_path = root / "experiment.yaml"
+    config_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    run = partial(finetune, config_path=str(config_path), root=str(root), run_baseline=False)
+
+    parallel = run(overrides={"train.devices": 2})
 
     out = capfd.readouterr().out
     lines = [line for line in out.splitlines() if "weights sha256" in line]
@@ -98,16 +108,18 @@ def test_two_gloo_processes_train_one_run_in_the_pipeline(
     assert len({line.split()[-1] for line in lines}) == 1  # with the same weights
     client = MlflowClient(cfg.tracking.tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name("ddp").experiment_id])
-    assert [run.info.run_id for run in runs] == [state.trained.run_id]  # rank 1 logged nothing
-    run = runs[0]
-    assert run.info.status == "FINISHED"
-    assert run.data.tags["peftflow.run_key"] == cfg.run_key(state.data_md5)
-    assert run.data.tags["peftflow.ddp.processes"] == "2"
-    assert run.data.tags["peftflow.ddp.backend"] == "gloo"
-    assert run.data.tags["peftflow.reload_check"] == "passed"
-    losses = [m.value for m in client.get_metric_history(run.info.run_id, "epoch/train_loss")]
+    assert [r.info.run_id for r in runs] == [parallel.trained.run_id]  # rank 1 logged nothing
+    tags = runs[0].data.tags
+    assert runs[0].info.status == "FINISHED" and tags["peftflow.reload_check"] == "passed"
+    assert tags["peftflow.ddp.processes"] == "2" and tags["peftflow.ddp.backend"] == "gloo"
+    assert tags["peftflow.run_key"] == cfg.run_key(parallel.data_md5)  # devices not in it
+
+    losses = [m.value for m in client.get_metric_history(runs[0].info.run_id, "epoch/train_loss")]
     assert len(losses) == 2 and losses[1] < losses[0]
-    assert state.trained.metrics["test_f1"] == run.data.metrics["test_f1"]
+    # One process, the same config: the same run key, so the DDP run serves it from cache.
+    # (That the two compute the same up to float summation order is checked with dropout
+    # off, which a pipeline config cannot turn off in the head: tests/training/test_replicas.py.)
+    assert run().trained.run_id == parallel.trained.run_id
 
 
 @pytest.mark.slow

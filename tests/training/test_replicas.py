@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -17,7 +18,7 @@ from peftflow.task.classification import classification_objective
 from peftflow.task.registry import build_for_training
 from peftflow.training.batching import batch_order, optimizer_steps
 from peftflow.training.checkpoint import Checkpoints
-from peftflow.training.loop import _accumulate_gradients
+from peftflow.training.loop import _accumulate_gradients, _replica_share
 from peftflow.training.replicas import Replicas, data_parallel
 from tests.conftest import train_classifier
 from tests.models.test_methods import encoded_table, tiny_config
@@ -63,9 +64,34 @@ def test_shards_split_every_micro_batch_once_even_when_short_or_empty():
     assert fake_rank(1).shard([9]) == []
 
 
+class Unsynced(torch.nn.Module):
+    """The one-process stand-in of the DDP wrapper: the same forward, a ``no_sync`` that
+    does nothing (there is nothing to synchronise), and no averaging over ranks."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args):
+        return self.model(*args)
+
+    def no_sync(self):
+        return contextlib.nullcontext()
+
+
+def test_every_rank_runs_as_many_forwards_and_a_rank_short_of_examples_adds_nothing():
+    single = [[0], [1], [2]]  # padding "none": micro-batches of one example, dealt out whole
+    assert _replica_share(single, fake_rank(0)) == [([0], 1.0), ([2], 1.0)]
+    assert _replica_share(single, fake_rank(1)) == [([1], 1.0), ([0], 0.0)]
+    split = [[0, 1, 2], [3]]  # the short last micro-batch leaves rank 1 without an example
+    assert _replica_share(split, fake_rank(0)) == [([0, 2], 1.0), ([3], 1.0)]
+    assert _replica_share(split, fake_rank(1)) == [([1], 1.0), ([0], 0.0)]
+
+
 @pytest.mark.parametrize("padding", ["longest", "none"])
 def test_shard_gradients_sum_to_the_one_process_gradient(tiny_models, padding):
-    """What the all-reduce sums (each rank's shard over the step's units) is the full gradient."""
+    """What DDP averages (each rank's share over the step's units, times the ranks) is the
+    full gradient."""
     cfg = no_dropout_lora(tiny_models["llama"], grad_accum_steps=2)
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"padding": padding})})
     model, tokenizer = build_without_dropout(cfg)
@@ -82,14 +108,15 @@ def test_shard_gradients_sum_to_the_one_process_gradient(tiny_models, padding):
     def grads(rank=None):
         model.zero_grad(set_to_none=True)
         replicas = None if rank is None else fake_rank(rank)
-        loss = _accumulate_gradients(model, objective, step, torch.device("cpu"), replicas)
+        forward = model if rank is None else Unsynced(model)
+        loss = _accumulate_gradients(forward, objective, step, torch.device("cpu"), replicas)
         return loss, [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in trainable]
 
     full_loss, full = grads()
     (loss0, part0), (loss1, part1) = grads(0), grads(1)
     assert torch.allclose(loss0 + loss1, full_loss, atol=1e-6)
     for whole, first, second in zip(full, part0, part1, strict=True):
-        assert torch.allclose(first + second, whole, atol=1e-6)
+        assert torch.allclose((first + second) / 2, whole, atol=1e-6)  # DDP's mean of 2
 
 
 def test_resume_failures_of_the_ranks_are_one_error_each_reason_once():

@@ -59,5 +59,8 @@ def build_causal_lm(resolved: ResolvedModel, model_cfg: ModelConfig, seed: int =
 
 def counts_positions_itself(model: nn.Module) -> bool:
     """peft's virtual-token methods number positions themselves and drop ``position_ids``."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
+    if isinstance(model, nn.parallel.DistributedDataParallel):  # a data-parallel replica
+        model = model.module
     config = getattr(model, "active_peft_config", None)
     return bool(config is not None and config.is_prompt_learning)

@@ -8,8 +8,8 @@ Resumable checkpoints (:mod:`.checkpoint`) continue a killed run exactly; the
 
 Under a multi-process launch (``train.devices`` > 1, see
 :mod:`peftflow.pipeline.launch`) the same loop trains data-parallel: every process
-shards each micro-batch, gradients are summed over the processes before each
-optimizer step, and rank 0 alone validates (see :mod:`.replicas`). In one process
+runs its share of each step through DDP, whose bucketed all-reduce overlaps the last
+backward of the step, and rank 0 alone validates (see :mod:`.replicas`). In one process
 nothing of that runs.
 
 Depends on: config, models.
@@ -17,6 +17,7 @@ Depends on: config, models.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -124,7 +125,8 @@ def train_model(
     if not tc.checkpoint_every_steps:
         checkpoints = None
     optimizer, scheduler = _optimizer_and_schedule(model, objective, cfg, device)
-    forward = compiled_for_training(model, tc.compile)
+    # DDP's constructor also starts every replica from rank 0's weights.
+    forward = compiled_for_training(replicas.prepare(model) if replicas else model, tc.compile)
     progress, checkpointing = _resume(
         checkpoints, replicas, model, optimizer, scheduler, _layout(objective, tc)
     )
@@ -237,8 +239,6 @@ def _place(model: nn.Module, tc: TrainConfig) -> tuple[torch.device, Replicas | 
     if tc.threads:
         torch.set_num_threads(tc.threads)
     model.to(device)
-    if replicas:
-        replicas.broadcast_trainable(model)
     return device, replicas
 
 
@@ -308,7 +308,7 @@ def _train_step(model, forward, objective, cfg, micro_batches, trainable, replic
     device = trainable[0].device
     loss = _accumulate_gradients(forward, objective, micro_batches, device, replicas)
     if replicas:
-        loss = replicas.all_reduce_gradients(trainable, loss)
+        loss = replicas.sum(loss)
     method = METHODS[cfg.method.name]
     if method.extra_loss:  # a function of the weights only: once per optimizer step
         method.extra_loss(model).backward()
@@ -327,19 +327,46 @@ def _accumulate_gradients(
     Each micro-batch adds its summed loss divided by the step's loss units (examples
     or target tokens), so the accumulated gradient is the mean over the whole step
     whatever the micro-batch sizes (one example each under padding "none", a short
-    last batch). With ``replicas`` this process runs only its shard of each
-    micro-batch, still divided by the units of the whole step, so the sum over the
-    processes is that mean (and the loss returned is this process's part of it).
+    last batch). With ``replicas``, ``model`` is the DDP wrapper and this process runs
+    only its share of the step (:func:`_replica_share`), still divided by the units of
+    the whole step, so the sum over the processes is that mean; DDP averages over the
+    processes, hence the factor ``replicas.size``. The loss returned is this process's
+    part of the step's loss.
     """
-    units = sum(objective.loss_units(idx) for idx in micro_batches)
-    if replicas:
-        micro_batches = [shard for shard in map(replicas.shard, micro_batches) if shard]
+    units = max(sum(objective.loss_units(idx) for idx in micro_batches), 1)
+    if replicas is None:
+        share, scale, sync_at = [(idx, 1.0) for idx in micro_batches], 1.0, None
+    else:
+        share, scale = _replica_share(micro_batches, replicas), float(replicas.size)
+        sync_at = len(share) - 1  # gradients all-reduced during the last backward only
     step_loss = torch.zeros((), device=device)
-    for idx in micro_batches:
-        loss = objective.summed_loss(model, idx, device) / max(units, 1)
-        loss.backward()
+    for i, (idx, weight) in enumerate(share):
+        no_sync = sync_at is not None and i != sync_at
+        with model.no_sync() if no_sync else contextlib.nullcontext():
+            loss = objective.summed_loss(model, idx, device) * (weight / units)
+            (loss * scale).backward()
         step_loss += loss.detach()
     return step_loss
+
+
+def _replica_share(micro_batches: list[list[int]], replicas: Replicas) -> list[tuple[list, float]]:
+    """This process's (examples, weight) per forward of a step: as many on every process.
+
+    DDP pairs each process's synchronising backward with the others', so every process
+    runs the same number of forwards; a process left without examples runs one
+    weighted 0 (it adds nothing). accelerate's ``even_batches`` and DDP's ``Join`` work
+    per dataloader batch, not per micro-batch of a step, so they cannot do this here.
+    Micro-batches of one example (padding "none") are dealt out whole; larger ones are
+    split (:meth:`Replicas.shard`).
+    """
+    if all(len(idx) == 1 for idx in micro_batches):
+        mine = micro_batches[replicas.rank :: replicas.size]
+        rounds = -(-len(micro_batches) // replicas.size)  # ceil
+    else:
+        mine = [replicas.shard(idx) for idx in micro_batches]
+        rounds = len(micro_batches)
+    share = [(idx, 1.0) for idx in mine if idx]
+    return share + [(micro_batches[0][:1], 0.0)] * (rounds - len(share))
 
 
 def _optimizer_step(

@@ -3,22 +3,19 @@
 Every process of a launch (``train.devices`` > 1; :mod:`peftflow.pipeline.launch` starts
 them through accelerate) holds a replica of the model. ``train.batch_size`` stays the
 *global* batch: each process takes every N-th example of every micro-batch
-(:meth:`Replicas.shard`), the gradients of a step are summed over the processes
-(:meth:`Replicas.all_reduce_gradients`) and every replica takes the same optimizer
-step, so a run computes the same thing as one process with the same config (up to
-float summation order) and keeps its run key. Rank 0 alone validates, logs and
-saves; at the end the replicas must hold bit-identical trainable weights. Rank 0
-also writes the checkpoints, with every rank's RNG states, and a relaunch resumes
-every rank from them (:func:`resume_replicas`).
+(:meth:`Replicas.shard`). The training forward runs through torch's
+``DistributedDataParallel``, wrapped by accelerate (:meth:`Replicas.prepare`): it starts
+every replica from rank 0's weights, and during the backward pass of a step's last
+micro-batch it all-reduces the gradients in buckets as they become ready, overlapped
+with the rest of the backward (earlier micro-batches accumulate under ``no_sync``).
+Every replica then takes the same optimizer step, so a run computes the same thing as
+one process with the same config (up to float summation order) and keeps its run key.
+Rank 0 alone validates, logs and saves; at the end the replicas must hold bit-identical
+trainable weights. Rank 0 also writes the checkpoints, with every rank's RNG states, and
+a relaunch resumes every rank from them (:func:`resume_replicas`).
 
 The training loop (:mod:`peftflow.training.loop`) asks :func:`data_parallel` for the
 replicas and gets ``None`` in a single process, so that path is unchanged.
-
-Gradients are reduced explicitly after each optimizer step's micro-batches rather
-than by torch's ``DistributedDataParallel`` wrapper: a shard may be short or empty
-(padding "none" runs one example per micro-batch; the last batch is short), which
-the wrapper's per-backward hooks cannot take, and methods with hooks (AdaLoRA) keep
-seeing the unwrapped model.
 
 Depends on: nothing in peftflow beyond errors.
 """
@@ -72,40 +69,26 @@ class Replicas:
         torch.distributed.broadcast_object_list(box, src=0, device=self._comm_device)
         return box[0]
 
-    def broadcast_trainable(self, model: torch.nn.Module) -> None:
-        """Start every replica from rank 0's trainable weights (as DDP does)."""
-        with torch.no_grad():
-            for param in model.parameters():
-                if param.requires_grad:
-                    torch.distributed.broadcast(param.data, src=0)
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        """``model`` in ``DistributedDataParallel`` (through accelerate), for training forwards.
 
-    def all_reduce_gradients(
-        self, params: list[torch.nn.Parameter], step_loss: torch.Tensor
-    ) -> torch.Tensor:
-        """Sum gradients (and the step's loss) over the ranks in one collective.
-
-        Each rank's loss is its shard's summed loss divided by the units of the whole
-        step, so the sum is the gradient of the global mean. A parameter that got no
-        gradient on any rank keeps ``grad=None`` (AdamW then skips it, as it would
-        in one process). Returns the step's global loss, the same on every rank.
+        The wrapper shares ``model``'s parameters: the optimizer, validation, method hooks
+        (AdaLoRA) and checkpoints keep using ``model``. ``find_unused_parameters``: a
+        method may hold trainable weights a forward does not reach (a pooling choice, a
+        method's spare modules); DDP would otherwise wait for their gradients forever.
         """
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        present = [float(p.grad is not None) for p in params]
-        flat = torch.cat(
-            [g.reshape(-1).float() for g in grads]
-            + [torch.tensor(present, device=step_loss.device), step_loss.reshape(1).float()]
-        )
-        torch.distributed.all_reduce(flat)
-        offset = 0
-        for param, grad in zip(params, grads, strict=True):
-            summed = flat[offset : offset + grad.numel()].view_as(grad).to(grad.dtype)
-            param.grad = summed
-            offset += grad.numel()
-        got_grad = flat[offset : offset + len(params)]
-        for param, count in zip(params, got_grad.tolist(), strict=True):
-            if count == 0:
-                param.grad = None
-        return flat[-1]
+        from accelerate import Accelerator  # deferred: only a multi-process launch needs it
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        ddp = DistributedDataParallelKwargs(find_unused_parameters=True, broadcast_buffers=False)
+        accelerator = Accelerator(cpu=self.device.type == "cpu", kwargs_handlers=[ddp])
+        return accelerator.prepare_model(model)
+
+    def sum(self, value: torch.Tensor) -> torch.Tensor:
+        """``value`` summed over the ranks (a step's loss), the same on every rank."""
+        total = value.detach().clone()
+        torch.distributed.all_reduce(total)
+        return total
 
     def all_gather(self, value: Any) -> list[Any]:
         """Every rank's ``value`` (any picklable object), in rank order, on every rank."""
