@@ -39,8 +39,14 @@ def load_saved_tokenizer(folder, padding_side: str):
     return tokenizer
 
 
-def load_backbone(resolved: ResolvedModel, dtype: str = "float32") -> nn.Module:
-    """The bare transformer (no LM/classification head), with SDPA attention."""
+def load_backbone(
+    resolved: ResolvedModel, dtype: str = "float32", quantization: object | None = None
+) -> nn.Module:
+    """The bare transformer (no LM/classification head), with SDPA attention.
+
+    ``quantization``: a transformers ``quantization_config`` (QLoRA's 4-bit NF4); the
+    weights are then quantised while loading, onto the current GPU.
+    """
     from transformers import AutoModel
 
     resolved.require_weights()
@@ -50,7 +56,22 @@ def load_backbone(resolved: ResolvedModel, dtype: str = "float32") -> nn.Module:
         dtype=getattr(torch, dtype),
         attn_implementation=ATTENTION,
         use_safetensors=True,  # never unpickle a .bin checkpoint (see docs/reliability.md)
+        **quantized_loading(quantization),
     )
+
+
+def quantized_loading(quantization: object | None) -> dict:
+    """``from_pretrained`` arguments that load quantised weights (none without quantization)."""
+    if quantization is None:
+        return {}
+    # bitsandbytes quantises as the weights land on the GPU: all of them on this process's.
+    return {"quantization_config": quantization, "device_map": {"": _current_gpu()}}
+
+
+def _current_gpu() -> int:
+    if not torch.cuda.is_available():
+        raise ConfigError("a quantised base (qlora) loads onto a CUDA GPU and none is visible")
+    return torch.cuda.current_device()
 
 
 def random_backbone(resolved: ResolvedModel, dtype: str, seed: int) -> nn.Module:
@@ -66,11 +87,22 @@ def random_backbone(resolved: ResolvedModel, dtype: str, seed: int) -> nn.Module
     return AutoModel.from_config(config, dtype=getattr(torch, dtype), attn_implementation=ATTENTION)
 
 
-def backbone_for(model_cfg: ModelConfig, resolved: ResolvedModel, seed: int) -> nn.Module:
+def backbone_for(
+    model_cfg: ModelConfig, resolved: ResolvedModel, seed: int, quantization: object | None = None
+) -> nn.Module:
     """Pretrained weights, or the same architecture from ``seed`` (``model.pretrained``)."""
     if model_cfg.pretrained:
-        return load_backbone(resolved, model_cfg.dtype)
+        return load_backbone(resolved, model_cfg.dtype, quantization)
+    refuse_random_quantized(quantization)
     return random_backbone(resolved, model_cfg.dtype, seed)
+
+
+def refuse_random_quantized(quantization: object | None) -> None:
+    if quantization is not None:
+        raise ConfigError(
+            "qlora quantises pretrained weights, and model.pretrained: false has none; "
+            "use lora for the random-initialisation control"
+        )
 
 
 def mask_positions(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ from peftflow.config import ModelConfig
 from peftflow.errors import ConfigError
 from peftflow.models.assets import ResolvedModel
 from peftflow.models.attention import ATTENTION
+from peftflow.models.backbone import quantized_loading, refuse_random_quantized
 
 
 def check_generation_knobs(model_cfg: ModelConfig, family: str) -> None:
@@ -34,8 +35,16 @@ def check_generation_knobs(model_cfg: ModelConfig, family: str) -> None:
         raise ConfigError("task 'generation' needs model.padding_side: left")
 
 
-def build_causal_lm(resolved: ResolvedModel, model_cfg: ModelConfig, seed: int = 0) -> nn.Module:
-    """The base causal LM: pretrained weights, or the same architecture randomly initialised."""
+def build_causal_lm(
+    resolved: ResolvedModel,
+    model_cfg: ModelConfig,
+    seed: int = 0,
+    quantization: object | None = None,
+) -> nn.Module:
+    """The base causal LM: pretrained weights, or the same architecture randomly initialised.
+
+    ``quantization``: how the method needs the pretrained weights loaded (QLoRA: 4-bit).
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     check_generation_knobs(model_cfg, resolved.family)
@@ -48,8 +57,10 @@ def build_causal_lm(resolved: ResolvedModel, model_cfg: ModelConfig, seed: int =
             dtype=dtype,
             attn_implementation=ATTENTION,
             use_safetensors=True,  # never unpickle a .bin checkpoint
+            **quantized_loading(quantization),
         )
     else:
+        refuse_random_quantized(quantization)
         config = AutoConfig.from_pretrained(resolved.location, revision=resolved.revision)
         torch.manual_seed(seed)  # the random base is a pure function of (architecture, seed)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=ATTENTION)

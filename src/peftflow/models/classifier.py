@@ -133,11 +133,18 @@ def check_model_knobs(model_cfg: ModelConfig, family: str) -> None:
 
 
 def build_classifier(
-    resolved: ResolvedModel, num_labels: int, model_cfg: ModelConfig, seed: int = 0
+    resolved: ResolvedModel,
+    num_labels: int,
+    model_cfg: ModelConfig,
+    seed: int = 0,
+    quantization: object | None = None,
 ) -> SequenceClassifier:
-    """Backbone (pretrained, or random from ``seed``) + freshly initialised, seeded head."""
+    """Backbone (pretrained, or random from ``seed``) + freshly initialised, seeded head.
+
+    ``quantization``: how the method needs the pretrained backbone loaded (QLoRA: 4-bit).
+    """
     check_model_knobs(model_cfg, resolved.family)
-    backbone = backbone_for(model_cfg, resolved, seed)
+    backbone = backbone_for(model_cfg, resolved, seed, quantization)
     if not model_cfg.causal_mask:
         # transformers 5 reads config.is_causal on every forward: create_causal_mask
         # then builds a padding-only (bidirectional) mask, and is_causal=False is

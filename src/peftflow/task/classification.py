@@ -43,6 +43,7 @@ from peftflow.models.classifier import (
     check_model_knobs,
     resolve_pooling,
 )
+from peftflow.models.methods.registry import base_quantization
 from peftflow.models.saved import LoadedModel
 from peftflow.task.base import TaskKind
 from peftflow.task.run import RELOAD_ATOL, reload
@@ -107,7 +108,8 @@ class Classification(TaskKind):
         check_model_knobs(model_cfg, family)
 
     def build_base(self, base: ResolvedModel, cfg: ExperimentConfig, tokenizer) -> nn.Module:
-        model = build_classifier(base, len(cfg.data.labels), cfg.model, seed=cfg.seed)
+        quantization = base_quantization(cfg.method)
+        model = build_classifier(base, len(cfg.data.labels), cfg.model, cfg.seed, quantization)
         _pad_like_tokenizer(model.backbone.config, tokenizer)
         return model
 

@@ -42,7 +42,7 @@ from peftflow.models.assets import ResolvedModel, resolve_model
 from peftflow.models.attention import ATTENTION
 from peftflow.models.backbone import load_tokenizer
 from peftflow.models.causal_lm import build_causal_lm, check_generation_knobs
-from peftflow.models.methods.registry import padding_problem
+from peftflow.models.methods.registry import base_quantization, padding_problem
 from peftflow.models.saved import LoadedModel
 from peftflow.task.base import TaskKind
 from peftflow.task.generation_decoding import generate_texts
@@ -132,7 +132,7 @@ class Generation(TaskKind):
         check_generation_knobs(model_cfg, family)
 
     def build_base(self, base: ResolvedModel, cfg: ExperimentConfig, tokenizer) -> nn.Module:
-        model = build_causal_lm(base, cfg.model, seed=cfg.seed)
+        model = build_causal_lm(base, cfg.model, cfg.seed, base_quantization(cfg.method))
         _refuse_padding_problem(cfg, model.config.model_type)
         if tokenizer is not None and getattr(model.config, "pad_token_id", None) is None:
             model.config.pad_token_id = tokenizer.pad_token_id  # decoders pad with eos

@@ -40,7 +40,6 @@ from peftflow.config.methods import (
     VeraSettings,
 )
 from peftflow.errors import ConfigError
-from peftflow.models.backbone import transformer_blocks
 from peftflow.models.classifier import backbone_of, has_task_head
 
 # Default LoRA-family targets per backbone type: every attention projection.
@@ -250,51 +249,39 @@ def require_cuda_for_qlora() -> None:
         ) from None
 
 
+def qlora_quantization(settings: QLoraSettings):
+    """How QLoRA's base is loaded (Dettmers et al. 2023): NF4 weights, double quantisation,
+    bf16 compute, quantised by transformers' bitsandbytes integration in ``from_pretrained``."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+
+
 def apply_qlora(model: nn.Module, settings: QLoraSettings) -> nn.Module:
-    """QLoRA (Dettmers et al. 2023): NF4-quantised frozen blocks on the GPU + LoRA + head."""
-    from peft import get_peft_model
+    """QLoRA: the 4-bit base (loaded so by the task's ``build_base``) + LoRA + head.
+
+    peft's ``prepare_model_for_kbit_training`` freezes the quantised base, keeps its norms
+    in float32 and turns on gradient checkpointing (the activations are what is left to
+    save). For a classifier that is the backbone; a causal LM is prepared whole.
+    """
+    from peft import get_peft_model, prepare_model_for_kbit_training
 
     require_cuda_for_qlora()
-    for block in transformer_blocks(backbone_of(model)):
-        _quantize_linears(block, compute_dtype=torch.bfloat16)
-    model.cuda()
+    base = backbone_of(model) if has_task_head(model) else model
+    if not getattr(base, "is_loaded_in_4bit", False):
+        raise ConfigError(
+            "qlora trains over a base loaded in 4 bits, and this one is not: build the model "
+            "through the task's build_base, which loads it with the method's quantization"
+        )
+    prepare_model_for_kbit_training(base, use_gradient_checkpointing=True)
     model.is_loaded_in_4bit = True  # how peft's LoRA picks its 4-bit layer type
-    # the quantised layers are plain (out, in) Linear4bit, also for GPT-2
+    # transformers' 4-bit layers are plain (out, in) Linear4bit, also for GPT-2's Conv1D
     return get_peft_model(model, _lora_config(model, settings, fan_in_fan_out=False))
-
-
-def _quantize_linears(module: nn.Module, compute_dtype: torch.dtype) -> None:
-    """Replace every Linear / GPT-2 Conv1D under ``module`` by a bitsandbytes NF4 layer."""
-    from transformers.pytorch_utils import Conv1D
-
-    for name, child in module.named_children():
-        if isinstance(child, (nn.Linear, Conv1D)):
-            setattr(module, name, _nf4_linear(child, compute_dtype))
-        else:
-            _quantize_linears(child, compute_dtype)
-
-
-def _nf4_linear(layer: nn.Module, compute_dtype: torch.dtype) -> nn.Module:
-    import bitsandbytes as bnb
-    from transformers.pytorch_utils import Conv1D
-
-    weight = layer.weight.data
-    if isinstance(layer, Conv1D):
-        weight = weight.T  # Conv1D stores [in, out]; Linear4bit wants [out, in]
-    out_features, in_features = weight.shape
-    quantized = bnb.nn.Linear4bit(
-        in_features,
-        out_features,
-        bias=layer.bias is not None,
-        compute_dtype=compute_dtype,
-        quant_type="nf4",
-    )
-    quantized.weight = bnb.nn.Params4bit(
-        weight.contiguous(), requires_grad=False, quant_type="nf4"
-    )  # quantised when moved to the GPU
-    if layer.bias is not None:
-        quantized.bias = nn.Parameter(layer.bias.data.clone(), requires_grad=False)
-    return quantized
 
 
 # ------------------------------------------------------------ prompt learning

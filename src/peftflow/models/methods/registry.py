@@ -41,6 +41,8 @@ class MethodSpec:
     prepends_virtual_tokens: bool = False
     # Trains bias terms only: nothing to train on bias-free architectures (Llama).
     needs_biases: bool = False
+    # How the pretrained base must be loaded (transformers' quantization_config), or None.
+    quantization: Callable[[MethodSettings], object] | None = None
 
     @property
     def name(self) -> str:
@@ -107,7 +109,7 @@ METHODS: dict[str, MethodSpec] = {
             extra_loss=peft_based.adalora_orthogonal_penalty,
         ),
         _spec("vera", peft_based.apply_vera),
-        _spec("qlora", peft_based.apply_qlora),
+        _spec("qlora", peft_based.apply_qlora, quantization=peft_based.qlora_quantization),
         _spec("ia3", peft_based.apply_ia3),
         _spec("ln_tuning", peft_based.apply_ln_tuning),
         _spec("prefix_tuning", peft_based.apply_prefix_tuning),
@@ -116,6 +118,14 @@ METHODS: dict[str, MethodSpec] = {
         _spec("mam_adapter", adapters.apply_mam_adapter),
     )
 }
+
+
+def base_quantization(settings: MethodSettings):
+    """The ``quantization_config`` the method's base is loaded with (None: full precision)."""
+    quantization = METHODS[settings.name].quantization
+    return quantization(settings) if quantization else None
+
+
 if list(METHODS) != list(METHOD_SETTINGS):  # a declared method without code, or the reverse
     raise ImportError(
         f"peftflow.config.methods declares {list(METHOD_SETTINGS)} but the registry "
