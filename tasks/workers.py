@@ -27,6 +27,9 @@ FINAL_EVENTS = {
     f"prefect.flow-run.{state}" for state in ("Completed", "Failed", "Cancelled", "Crashed")
 }
 POLL_SECONDS = 2.0
+# A flow run still Scheduled (or Late, or Pending) after this long: no worker is taking its
+# pool's runs. Said once per run in the study's log; the study keeps waiting (workers may start).
+WAITING_WARN_SECONDS = 300.0
 
 
 def detect_lost_flow_runs(heartbeat_seconds: int) -> None:
@@ -93,19 +96,46 @@ def submit(deployment: str, runs: dict[str, dict]) -> dict[str, UUID]:
     }
 
 
-def wait_until_final(flow_run_ids: dict[str, UUID]) -> dict[str, State]:
-    """Each flow run's final state (Completed, Failed, Crashed or Cancelled)."""
+def wait_until_final(
+    flow_run_ids: dict[str, UUID], warn_after: float = WAITING_WARN_SECONDS
+) -> dict[str, State]:
+    """Each flow run's final state (Completed, Failed, Crashed or Cancelled).
+
+    A run that no worker has started after ``warn_after`` seconds is named in a warning,
+    once, with its work pool: the usual cause is that no worker polls that pool.
+    """
     final: dict[str, State] = {}
+    warned: set[str] = set()
     logger = get_run_logger()
+    started = time.monotonic()
     with get_client(sync_client=True) as client:
         while len(final) < len(flow_run_ids):
+            waited = time.monotonic() - started
             for key, run_id in flow_run_ids.items():
                 if key in final:
                     continue
-                state = client.read_flow_run(run_id).state
-                if state is not None and state.is_final():
-                    logger.info("%s: %s", key, state.name)
-                    final[key] = state
+                run = client.read_flow_run(run_id)
+                if run.state is not None and run.state.is_final():
+                    logger.info("%s: %s", key, run.state.name)
+                    final[key] = run.state
+                elif key not in warned and not_started(run, waited, warn_after):
+                    warned.add(key)
+                    logger.warning(waiting_message(key, run, waited))
             if len(final) < len(flow_run_ids):
                 time.sleep(POLL_SECONDS)
     return {key: final[key] for key in flow_run_ids}
+
+
+def not_started(run, waited: float, warn_after: float) -> bool:
+    """Whether ``run`` has waited ``warn_after`` seconds or more without a worker starting it."""
+    waiting = run.state is None or run.state.type in (StateType.SCHEDULED, StateType.PENDING)
+    return waiting and waited >= warn_after
+
+
+def waiting_message(key: str, run, waited: float) -> str:
+    pool = run.work_pool_name or "its work pool"
+    state = run.state.name if run.state else "no state"
+    return (
+        f"{key}: still {state} after {waited:.0f} s, no worker has started it; is a worker "
+        f"polling {pool}? (`make worker POOL={pool}` on a machine that should train it)"
+    )
