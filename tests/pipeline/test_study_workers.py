@@ -147,10 +147,10 @@ def test_a_study_fans_out_to_two_workers_and_survives_losing_one(tmp_path, monke
         )
         assert deploy.returncode == 0, deploy.stdout + deploy.stderr
 
-        def worker(folder: Path) -> subprocess.Popen:
+        def worker(folder: Path, limit: int) -> subprocess.Popen:
             """A process worker whose flow runs start in ``folder`` (prefect.yaml's pull step)."""
             command = [sys.executable, "-m", "prefect", "worker", "start", "--pool", "cpu"]
-            command += ["--type", "process", "--limit", "1"]
+            command += ["--type", "process", "--limit", str(limit)]
             with open(tmp_path / f"{folder.name}.log", "wb") as log:
                 return subprocess.Popen(
                     command,
@@ -162,7 +162,7 @@ def test_a_study_fans_out_to_two_workers_and_survives_losing_one(tmp_path, monke
                 )
 
         lost: dict[str, str] = {}
-        started = [worker(doomed)]
+        started = [worker(doomed, limit=1)]  # it takes one variant, then is lost
 
         def lose_worker_a_then_start_b() -> None:
             """Worker A takes the first variant; in the middle of it A's machine is gone; then
@@ -179,7 +179,7 @@ def test_a_study_fans_out_to_two_workers_and_survives_losing_one(tmp_path, monke
                         kill_machine(started[0])
                         lost["variant"] = name
                     time.sleep(1)
-            started.append(worker(survivor))
+            started.append(worker(survivor, limit=2))  # the rest, two at a time
 
         chaos = threading.Thread(target=lose_worker_a_then_start_b)
         try:
