@@ -49,7 +49,7 @@ def test_a_quantised_base_without_a_gpu_or_without_pretrained_weights_is_refused
     resolved = resolve_model(str(tiny_models["bert"]))
     config = base_quantization(QLoraSettings())
     if not torch.cuda.is_available():
-        with pytest.raises(ConfigError, match="loads onto a CUDA GPU and none is visible"):
+        with pytest.raises(ConfigError, match=r"qlora needs a CUDA GPU \(its base is quantised"):
             backbone.load_backbone(resolved, quantization=config)
     with pytest.raises(ConfigError, match="model.pretrained: false has none"):
         backbone.backbone_for(ModelConfig(pretrained=False), resolved, 0, config)

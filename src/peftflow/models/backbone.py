@@ -70,7 +70,10 @@ def quantized_loading(quantization: object | None) -> dict:
 
 def _current_gpu() -> int:
     if not torch.cuda.is_available():
-        raise ConfigError("a quantised base (qlora) loads onto a CUDA GPU and none is visible")
+        raise ConfigError(
+            "qlora needs a CUDA GPU (its base is quantised while loading onto one) and none "
+            "is visible; use lora on CPU"
+        )
     return torch.cuda.current_device()
 
 
