@@ -68,6 +68,14 @@ def test_a_misplaced_message_is_an_error_not_a_silent_drop(inbox, arrange, messa
         load_mail_folder(inbox, LABELS)
 
 
+def test_a_stray_file_is_refused_also_below_a_hidden_parent_folder(tmp_path):
+    inbox = tmp_path / ".local" / "inbox"
+    drop(inbox, "ham", "1.eml", "hello")
+    (inbox / "loose.eml").write_bytes(b"x")
+    with pytest.raises(DataError, match=r"outside any label folder \(loose.eml\)"):
+        load_mail_folder(inbox, LABELS)
+
+
 def test_a_missing_or_empty_folder_says_how_to_fill_it(tmp_path):
     with pytest.raises(DataError, match="does not exist.*peftflow data deliver"):
         load_mail_folder(tmp_path / "nowhere", LABELS)

@@ -86,7 +86,9 @@ def _require_layout(folder: Path, labels: Sequence[str]) -> None:
             f"mail folder {folder} has subfolder(s) {', '.join(unknown)} that are not in "
             f"data.labels {list(labels)}: rename them to a label, or add the label to the config"
         )
-    stray = sorted(p.name for p in folder.iterdir() if p.is_file() and not _is_partial(p))
+    # Judged by the name alone: a dot in the folder's own path (~/.local/...) hides nothing.
+    files = (p for p in folder.iterdir() if p.is_file())
+    stray = sorted(p.name for p in files if not _is_partial(Path(p.name)))
     if stray:
         raise DataError(
             f"mail folder {folder} has file(s) outside any label folder "
