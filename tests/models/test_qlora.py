@@ -5,6 +5,8 @@ CUDA, so on this CPU-only CI the GPU calls are stood in for; the GPU check is in
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 import transformers
@@ -20,7 +22,13 @@ from peftflow.models.methods import peft_based
 from peftflow.models.methods.registry import base_quantization
 
 
-def test_qlora_loads_its_base_as_nf4_with_double_quantisation_and_bf16_compute():
+@pytest.fixture
+def cuda_checked(monkeypatch):
+    """Stands in for a machine with CUDA and bitsandbytes (the method's one check passes)."""
+    monkeypatch.setattr(peft_based, "require_cuda_for_qlora", lambda: None)
+
+
+def test_qlora_loads_its_base_as_nf4_with_double_quantisation_and_bf16_compute(cuda_checked):
     config = base_quantization(QLoraSettings())
 
     assert isinstance(config, transformers.BitsAndBytesConfig)
@@ -29,7 +37,9 @@ def test_qlora_loads_its_base_as_nf4_with_double_quantisation_and_bf16_compute()
     assert base_quantization(LoraSettings()) is None
 
 
-def test_the_quantization_reaches_from_pretrained_with_the_gpu_as_target(tiny_models, monkeypatch):
+def test_the_quantization_reaches_from_pretrained_with_the_gpu_as_target(
+    tiny_models, monkeypatch, cuda_checked
+):
     seen = {}
 
     def from_pretrained(location, **kwargs):
@@ -45,18 +55,29 @@ def test_the_quantization_reaches_from_pretrained_with_the_gpu_as_target(tiny_mo
     assert seen["quantization_config"] is config and seen["device_map"] == {"": 3}
 
 
-def test_a_quantised_base_without_a_gpu_or_without_pretrained_weights_is_refused(tiny_models):
+def test_without_cuda_the_quantization_is_refused_before_anything_loads(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"qlora needs a CUDA GPU \(bitsandbytes"):
+        base_quantization(QLoraSettings())
+
+
+def test_with_cuda_but_no_bitsandbytes_the_install_hint_comes_first(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as if absent
+    with pytest.raises(ConfigError, match=r"uv sync --extra gpu"):
+        base_quantization(QLoraSettings())
+
+
+def test_a_quantised_base_without_pretrained_weights_is_refused(tiny_models, cuda_checked):
     resolved = resolve_model(str(tiny_models["bert"]))
     config = base_quantization(QLoraSettings())
-    if not torch.cuda.is_available():
-        with pytest.raises(ConfigError, match=r"qlora needs a CUDA GPU \(its base is quantised"):
-            backbone.load_backbone(resolved, quantization=config)
     with pytest.raises(ConfigError, match="model.pretrained: false has none"):
         backbone.backbone_for(ModelConfig(pretrained=False), resolved, 0, config)
 
 
-def test_qlora_prepares_the_4bit_backbone_then_puts_lora_on_top(tiny_models, monkeypatch):
-    monkeypatch.setattr(peft_based, "require_cuda_for_qlora", lambda: None)
+def test_qlora_prepares_the_4bit_backbone_then_puts_lora_on_top(
+    tiny_models, monkeypatch, cuda_checked
+):
     prepared = []
     monkeypatch.setattr(
         "peft.prepare_model_for_kbit_training",

@@ -61,20 +61,15 @@ def load_backbone(
 
 
 def quantized_loading(quantization: object | None) -> dict:
-    """``from_pretrained`` arguments that load quantised weights (none without quantization)."""
+    """``from_pretrained`` arguments that load quantised weights (none without quantization).
+
+    The method that asks for quantization has already checked for CUDA
+    (``peft_based.require_cuda_for_qlora``); one check, with the install hint.
+    """
     if quantization is None:
         return {}
     # bitsandbytes quantises as the weights land on the GPU: all of them on this process's.
-    return {"quantization_config": quantization, "device_map": {"": _current_gpu()}}
-
-
-def _current_gpu() -> int:
-    if not torch.cuda.is_available():
-        raise ConfigError(
-            "qlora needs a CUDA GPU (its base is quantised while loading onto one) and none "
-            "is visible; use lora on CPU"
-        )
-    return torch.cuda.current_device()
+    return {"quantization_config": quantization, "device_map": {"": torch.cuda.current_device()}}
 
 
 def random_backbone(resolved: ResolvedModel, dtype: str, seed: int) -> nn.Module:

@@ -251,8 +251,13 @@ def require_cuda_for_qlora() -> None:
 
 def qlora_quantization(settings: QLoraSettings):
     """How QLoRA's base is loaded (Dettmers et al. 2023): NF4 weights, double quantisation,
-    bf16 compute, quantised by transformers' bitsandbytes integration in ``from_pretrained``."""
+    bf16 compute, quantised by transformers' bitsandbytes integration in ``from_pretrained``.
+
+    Refuses first without CUDA or bitsandbytes: the base is quantised while it loads.
+    """
     from transformers import BitsAndBytesConfig
+
+    require_cuda_for_qlora()
 
     return BitsAndBytesConfig(
         load_in_4bit=True,
