@@ -36,8 +36,10 @@ def ddp_project(root: Path, model_dir: Path, devices: int = 2):
                 "min_class_fraction": 0.1,
                 "split": {"max_train_examples": 120},
             },
-            "model": {"name": str(model_dir), "max_length": 48},
-            "method": {"name": "lora", "r": 4, "alpha": 8},
+            # No dropout anywhere (the tiny Llama has none either): each rank would draw its
+            # own masks, so only a dropout-free run can equal the one-process run.
+            "model": {"name": str(model_dir), "max_length": 48, "head_dropout": 0.0},
+            "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
             "train": {
                 "epochs": 2,
                 "batch_size": 16,
@@ -86,7 +88,7 @@ def test_a_flow_run_with_two_devices_trains_one_run_as_one_process_would(
 ):
     """The finetune flow, given ``train.devices: 2`` as a deployment run's ``overrides``:
     two gloo processes under DDP train one MLflow run, under the run key of the
-    one-process config."""
+    one-process config, with the metrics one process gets (up to float summation order)."""
     from mlflow import MlflowClient
 
     from flows.finetune import finetune
@@ -94,13 +96,15 @@ def test_a_flow_run_with_two_devices_trains_one_run_as_one_process_would(
     for key, value in CPU_ONLY.items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    root = tmp_path / "project"
-    cfg = ddp_project(root, tiny_models["llama"], devices=1)
-    config_path = root / "experiment.yaml"
-    config_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    run = partial(finetune, config_path=str(config_path), root=str(root), run_baseline=False)
 
-    parallel = run(overrides={"train.devices": 2})
+    def flow(root: Path, **overrides):
+        cfg = ddp_project(root, tiny_models["llama"], devices=1)
+        config_path = root / "experiment.yaml"
+        config_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+        run = partial(finetune, config_path=str(config_path), root=str(root), run_baseline=False)
+        return cfg, run, run(overrides=overrides)
+
+    cfg, rerun, parallel = flow(tmp_path / "project", **{"train.devices": 2})
 
     out = capfd.readouterr().out
     lines = [line for line in out.splitlines() if "weights sha256" in line]
@@ -113,13 +117,25 @@ def test_a_flow_run_with_two_devices_trains_one_run_as_one_process_would(
     assert runs[0].info.status == "FINISHED" and tags["peftflow.reload_check"] == "passed"
     assert tags["peftflow.ddp.processes"] == "2" and tags["peftflow.ddp.backend"] == "gloo"
     assert tags["peftflow.run_key"] == cfg.run_key(parallel.data_md5)  # devices not in it
-
-    losses = [m.value for m in client.get_metric_history(runs[0].info.run_id, "epoch/train_loss")]
-    assert len(losses) == 2 and losses[1] < losses[0]
     # One process, the same config: the same run key, so the DDP run serves it from cache.
-    # (That the two compute the same up to float summation order is checked with dropout
-    # off, which a pipeline config cannot turn off in the head: tests/training/test_replicas.py.)
-    assert run().trained.run_id == parallel.trained.run_id
+    assert rerun().trained.run_id == parallel.trained.run_id
+
+    # The same data and settings trained by one process in another folder (so another
+    # store, and another key: the config names its paths): the same metrics.
+    one_cfg, _, single = flow(tmp_path / "one-process")
+    assert single.data_md5 == parallel.data_md5
+    one = MlflowClient(one_cfg.tracking.tracking_uri).get_run(single.trained.run_id)
+    quality = [name for name in one.data.metrics if name.startswith(("val_", "test_"))]
+    assert {"test_f1", "test_accuracy", "val_f1"} <= set(quality), sorted(one.data.metrics)
+    for name in quality + ["best_epoch"]:
+        assert runs[0].data.metrics[name] == pytest.approx(one.data.metrics[name], abs=1e-4), name
+    losses = [m.value for m in client.get_metric_history(runs[0].info.run_id, "epoch/train_loss")]
+    one_store = MlflowClient(one_cfg.tracking.tracking_uri)
+    one_losses = [
+        m.value for m in one_store.get_metric_history(one.info.run_id, "epoch/train_loss")
+    ]
+    assert len(losses) == 2 and losses[1] < losses[0]
+    assert losses == pytest.approx(one_losses, rel=1e-4)
 
 
 @pytest.mark.slow

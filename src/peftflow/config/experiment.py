@@ -145,7 +145,10 @@ TASK_METRICS: dict[str, str] = {task: default_promote_metric(task) for task in T
 RUN_KEY_EXCLUDED: dict[str, set[str]] = {"train": {"checkpoint_every_steps", "devices"}}
 # Fields added after runs were keyed that can change a result: hashed only when set away
 # from their default, so every config written before them keeps its key.
-RUN_KEY_OMITTED_AT_DEFAULT: dict[str, dict[str, Any]] = {"train": {"compile": False}}
+RUN_KEY_OMITTED_AT_DEFAULT: dict[str, dict[str, Any]] = {
+    "train": {"compile": False},
+    "model": {"head_dropout": 0.1},
+}
 
 
 def dotted(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -91,6 +91,9 @@ class ModelConfig(Frozen):
     # worth it?" control).
     pretrained: bool = True
     dtype: Literal["float32", "bfloat16"] = "float32"
+    # Classifiers: dropout on the pooled state before the head while training. 0 makes a
+    # run deterministic given its data order (what the data-parallel check compares).
+    head_dropout: float = Field(0.1, ge=0.0, lt=1.0)
     # Tokenisation check bound: the share of texts longer than max_length that
     # may be truncated. Long inputs (emails) often carry their signal early.
     max_truncation_rate: float = Field(0.5, ge=0.0, le=1.0)

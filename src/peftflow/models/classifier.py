@@ -154,5 +154,9 @@ def build_classifier(
     pooling = resolve_pooling(model_cfg, resolved.family)
     torch.manual_seed(seed)
     return SequenceClassifier(
-        backbone, num_labels, pooling, positions_from_mask=resolved.family == "decoder"
+        backbone,
+        num_labels,
+        pooling,
+        dropout=model_cfg.head_dropout,
+        positions_from_mask=resolved.family == "decoder",
     )
