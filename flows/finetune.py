@@ -6,6 +6,7 @@ from pathlib import Path
 
 from prefect import flow
 
+from flows import entry_point
 from peftflow.config import load_config
 from peftflow.pipeline.definition import finetune_pipeline, run
 from peftflow.pipeline.results import Ingested, PipelineState, RunContext
@@ -29,6 +30,8 @@ def finetune(
     instead of a new ingest.
     """
     cfg = load_config(config_path, overrides)
-    ctx = RunContext(cfg, Path(root).resolve(), remote_url)
+    ctx = RunContext(
+        cfg, Path(root).resolve(), remote_url, entry_point=entry_point(__file__, "finetune")
+    )
     pipeline = finetune_pipeline(cfg, baseline=run_baseline, force=force)
     return run(pipeline, ctx, PipelineState(ingested=ingested), call=run_as_task)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
+from flows import entry_point
 from flows.finetune import finetune
 from peftflow.pipeline.definition import FULL, run
 from peftflow.pipeline.refresh import plan_refresh, run_refresh
@@ -31,7 +32,7 @@ def refresh(
     """
     base = Path(root).resolve()
     plan = plan_refresh(config_paths, base)
-    ctx = RunContext(plan.reference, base, remote_url)
+    ctx = RunContext(plan.reference, base, remote_url, entry_point=entry_point(__file__, "refresh"))
     return run_refresh(
         plan,
         base,

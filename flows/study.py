@@ -27,6 +27,7 @@ from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_se
 from prefect.states import State
 from prefect.task_runners import ProcessPoolTaskRunner
 
+from flows import entry_point
 from peftflow.config import dotted
 from peftflow.pipeline import stages
 from peftflow.pipeline.definition import DATA_STAGES, FULL, run, variant_pipeline
@@ -77,7 +78,11 @@ def study(
         plan.study.max_parallel if max_parallel is None else max_parallel
     )
     ctx = RunContext(
-        plan.reference, Path(root).resolve(), remote_url, reports_name=f"study-{plan.study.name}"
+        plan.reference,
+        Path(root).resolve(),
+        remote_url,
+        reports_name=f"study-{plan.study.name}",
+        entry_point=entry_point(__file__, "study"),
     )
     data = run(FULL.only(*DATA_STAGES), ctx, call=run_as_task)
     command = command or f"study(study_path={study_path!r}, root={root!r})"

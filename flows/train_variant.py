@@ -15,6 +15,7 @@ from pathlib import Path
 
 from prefect import flow
 
+from flows import entry_point
 from peftflow.pipeline.definition import on_data_version, run, variant_pipeline
 from peftflow.pipeline.results import PipelineState, RunContext
 from peftflow.pipeline.stages import outputs_dir
@@ -37,7 +38,11 @@ def train_variant(
     cfg = study_variant(plan, variant).config
     base = Path(root).resolve()
     ctx = RunContext(
-        cfg, base, parent_run_id=parent_run_id, reports_name=f"study-{plan.study.name}-{variant}"
+        cfg,
+        base,
+        parent_run_id=parent_run_id,
+        reports_name=f"study-{plan.study.name}-{variant}",
+        entry_point=entry_point(__file__, "train_variant"),
     )
     work = outputs_dir(base) / "variants"
     work.mkdir(parents=True, exist_ok=True)

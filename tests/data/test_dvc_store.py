@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from peftflow.data.dvc_repo import data_md5
+from peftflow.data.dvc_repo import data_md5, version_location
 from peftflow.data.dvc_store import ensure_dvc_repo, pull, push, track
 from peftflow.errors import DataError
 
@@ -126,3 +126,18 @@ def test_the_shared_remote_from_the_environment_is_used_without_editing_dvc_conf
     shutil.rmtree(worker / ".dvc" / "cache")
     with pytest.raises(DataError, match="pull data"):
         pull(worker)  # without it, the worker's own (empty) remote has nothing
+
+
+def test_version_location_names_the_versions_object_in_the_remote(tmp_path, monkeypatch):
+    root = git_repo(tmp_path / "repo")
+    ensure_dvc_repo(root)
+    write_data(root, "a,b\n1,2\n")
+    md5 = track(root)
+    push(root)
+    where = version_location(root, md5)
+    # A local remote: a file URI of the pushed object (the .dir manifest of the data folder).
+    assert where == f"{(root / '.dvc-storage').as_uri()}/files/md5/{md5[:2]}/{md5[2:]}"
+    assert Path(where.removeprefix("file://")).is_file()
+    # The team's object store, as $PEFTFLOW_DVC_REMOTE makes it the remote.
+    monkeypatch.setenv("PEFTFLOW_DVC_REMOTE", "s3://dvc/peftflow/")
+    assert version_location(root, md5) == f"s3://dvc/peftflow/files/md5/{md5[:2]}/{md5[2:]}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -41,6 +42,39 @@ def make_project(root: Path, table: pd.DataFrame, model_dir: Path, name: str) ->
     return path
 
 
+def assert_mlflow_lineage(client: MlflowClient, run, root: Path, result) -> None:
+    """What the MLflow UI shows of where a run came from, in MLflow's own terms."""
+    tags, md5 = run.data.tags, result.data_md5
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    # The code: MLflow's source tags (the flow's entry point, the project's commit).
+    assert tags["mlflow.source.name"] == "flows/finetune.py:finetune"
+    head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True)
+    if head.returncode == 0:  # a project with a commit
+        assert tags["mlflow.source.git.commit"] == head.stdout.decode().strip()
+    # The data: one dataset input per split, digest = the DVC md5, source = its remote object.
+    inputs = {
+        next(t.value for t in i.tags if t.key == "mlflow.data.context"): i.dataset
+        for i in run.inputs.dataset_inputs
+    }
+    assert sorted(inputs) == ["test", "train", "val"]
+    remote = (root / ".dvc-storage").resolve().as_uri()
+    for split, dataset in inputs.items():
+        assert dataset.digest == md5 and dataset.name.startswith(f"messages-{split}-")
+        assert json.loads(dataset.source)["uri"] == f"{remote}/files/md5/{md5[:2]}/{md5[2:]}"
+        rows = len(pd.read_parquet(result.split.paths[split]))
+        assert json.loads(dataset.profile)["num_rows"] == rows > 0
+    assert Path(remote.removeprefix("file://"), "files/md5", md5[:2], md5[2:]).is_file()
+    # The model: a LoggedModel of the run, with its test metrics, behind the version.
+    (output,) = run.outputs.model_outputs
+    logged = client.get_logged_model(output.model_id)
+    assert logged.source_run_id == run.info.run_id and logged.name == run.info.run_name
+    linked = {m.key: m.value for m in logged.metrics}
+    assert linked["test_f1"] == run.data.metrics["test_f1"]
+    version = client.get_model_version("tiny-spam", result.registered.version)
+    assert version.source == logged.artifact_location and version.run_id == run.info.run_id
+
+
 def test_flow_trains_registers_promotes_and_caches(
     prefect_server, tiny_models, tmp_path, monkeypatch
 ):
@@ -67,6 +101,7 @@ def test_flow_trains_registers_promotes_and_caches(
     assert len(client.get_metric_history(run.info.run_id, "epoch/val_f1")) == 3
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"data_checks", "plots", "model_folder"} <= artifacts
+    assert_mlflow_lineage(client, run, root, first)
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # scoped to this test, unlike set_tracking_uri
     model = mlflow.pyfunc.load_model("models:/tiny-spam@champion")

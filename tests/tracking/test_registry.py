@@ -8,6 +8,7 @@ import mlflow
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
+from mlflow.entities import LoggedModelStatus
 
 from peftflow.errors import RegistryError
 from peftflow.tracking.promotion import (
@@ -18,7 +19,11 @@ from peftflow.tracking.promotion import (
     promote_if_better,
     rollback,
 )
-from peftflow.tracking.registration import default_pip_requirements, log_and_register_model
+from peftflow.tracking.registration import (
+    default_pip_requirements,
+    download_logged_model,
+    log_and_register_model,
+)
 from peftflow.tracking.runs import RunTracker, ensure_experiment
 
 MODEL = "spam-classifier"
@@ -207,8 +212,15 @@ def test_logged_model_is_served_through_the_champion_alias(tracking_uri, tmp_pat
     _, second = log_keyword_model(tracking_uri, tmp_path, "cash", test_f1=0.5)
     assert (first.name, first.version, second.version) == (MODEL, "1", "2")
     assert first.source.startswith((tmp_path / "mlruns").as_uri())
-    requirements = MlflowClient(tracking_uri).download_artifacts(run_id, "model/requirements.txt")
-    assert "torch==2.13.0" in Path(requirements).read_text().split()
+    client = MlflowClient(tracking_uri)
+    # A LoggedModel of its run (the runs table's Models column), with the run's metrics.
+    (output,) = client.get_run(run_id).outputs.model_outputs
+    logged = client.get_logged_model(output.model_id)
+    assert logged.source_run_id == run_id and logged.status == LoggedModelStatus.READY
+    assert logged.artifact_location == first.source and logged.model_type == "peftflow"
+    assert {m.key: m.value for m in logged.metrics} == {"test_f1": 0.9}
+    folder = download_logged_model(tracking_uri, logged.model_id, tmp_path / "download")
+    assert "torch==2.13.0" in (folder / "requirements.txt").read_text().split()
     assert promote_if_better(MODEL, first.version, tracking_uri).promoted
     assert not promote_if_better(MODEL, second.version, tracking_uri).promoted
 

@@ -68,6 +68,18 @@ def default_remote(root: Path) -> str:
     return os.path.relpath(root / DEFAULT_REMOTE_DIR)
 
 
+def version_location(root: Path, md5: str) -> str:
+    """The URL of data version ``md5`` in the "storage" remote (DVC 3's ``files/md5`` layout:
+    a directory's ``.dir`` manifest, which lists its files), or "" without a remote."""
+    with open_repo(root) as repo:
+        url = repo.config["remote"].get(REMOTE_NAME, {}).get("url", "")
+    if not url:
+        return ""
+    if "://" not in url:  # a folder; DVC reads a relative one from .dvc/
+        url = (Path(root) / ".dvc" / url).resolve().as_uri()
+    return f"{url.rstrip('/')}/files/md5/{md5[:2]}/{md5[2:]}"
+
+
 @contextmanager
 def open_repo(root: Path) -> Iterator[Repo]:
     with dvc_errors(f"open {root} as a DVC repo", "run `peftflow ingest` first"):

@@ -31,7 +31,8 @@ class RunContext:
     ``parent_run_id`` nests the MLflow runs under another (a study's run);
     ``extra_tags`` are set when the training run starts (a reproduction says so from
     its first second); ``reports_name`` names the folder of the check reports
-    (default: the config's name).
+    (default: the config's name); ``entry_point`` is what ran (a flow's
+    ``file:function``), MLflow's source name on the runs (default: the command's name).
     """
 
     cfg: ExperimentConfig
@@ -40,6 +41,7 @@ class RunContext:
     parent_run_id: str | None = None
     extra_tags: Mapping[str, str] = field(default_factory=dict)
     reports_name: str | None = None
+    entry_point: str = ""
 
     def but(self, **changes: Any) -> RunContext:
         """A copy with ``changes`` (another config, a parent run, ...)."""

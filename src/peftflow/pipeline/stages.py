@@ -23,6 +23,7 @@ from mlflow.models import infer_signature
 import peftflow
 from peftflow.config import ExperimentConfig
 from peftflow.data.dvc_integrity import checkout_version
+from peftflow.data.dvc_repo import version_location
 from peftflow.data.ingest import TABLE_NAME
 from peftflow.data.ingest import ingest as ingest_data
 from peftflow.data.split import SPLITS
@@ -39,6 +40,7 @@ from peftflow.serving.pyfunc import ENTRY_POINT, PeftflowModel
 from peftflow.task.preflight import preflight as check_before_any_work
 from peftflow.task.registry import load_trained, task_for
 from peftflow.task.run import epoch_logger, train_and_evaluate
+from peftflow.tracking.lineage import split_inputs
 from peftflow.tracking.promotion import GATE_TAGS, PromotionDecision, promote_if_better
 from peftflow.tracking.registration import (
     ModelVersionInfo,
@@ -99,6 +101,17 @@ def split_written(cfg: ExperimentConfig, data_md5: str, root: Path) -> bool:
 
 def load_splits(split_paths) -> dict[str, pd.DataFrame]:
     return {name: pd.read_parquet(path) for name, path in split_paths.items()}
+
+
+def log_data_inputs(tracker, ctx: RunContext, state: PipelineState, splits) -> None:
+    """The splits as the run's MLflow datasets: ``<data>-<split>-<split id>`` (the split
+    folder's name under outputs/splits/), digest = the DVC md5, source = the version's
+    object in the DVC remote (else the data folder, where no remote is set)."""
+    cfg, md5 = ctx.cfg, state.data_md5
+    source = version_location(ctx.root, md5) or (ctx.root / cfg.data.data_dir).resolve().as_uri()
+    data = Path(cfg.data.path).stem if cfg.data.path else cfg.data.source
+    split_id = split_dir(cfg, md5, ctx.root).name[:8]
+    tracker.log_inputs(split_inputs(data, md5, source, splits, split_id))
 
 
 def _short_hash(text: str) -> str:
@@ -226,7 +239,8 @@ def baseline(ctx: RunContext, state: PipelineState) -> RunResult:
         cached = finished_run(uri, existing, key)
         return dataclasses.replace(cached, predictions_path=task.baseline_predictions(out_dir))
     tags = {
-        **standard_tags(key, state.data_md5, key, ctx.root),  # its key stands in for a config hash
+        # its key stands in for a config hash
+        **standard_tags(key, state.data_md5, key, ctx.root, ctx.entry_point),
         "peftflow.kind": "baseline",
         "peftflow.task": cfg.task,
         **task.baseline_tags(cfg),
@@ -241,7 +255,9 @@ def baseline(ctx: RunContext, state: PipelineState) -> RunResult:
         )
         out_dir = outputs_dir(ctx.root) / "runs" / run_id
         out_dir.mkdir(parents=True, exist_ok=True)
-        metrics = task.run_baseline(cfg, load_splits(state.split.paths), tracker, out_dir)
+        splits = load_splits(state.split.paths)
+        log_data_inputs(tracker, ctx, state, splits)
+        metrics = task.run_baseline(cfg, splits, tracker, out_dir)
         tracker.log_metrics(metrics)
     return RunResult(run_id, key, metrics, predictions_path=task.baseline_predictions(out_dir))
 
@@ -281,10 +297,12 @@ def train(ctx: RunContext, state: PipelineState) -> RunResult:
         for path in state.report_paths:
             tracker.log_artifact(path, "data_checks")
         out_dir = outputs_dir(ctx.root) / "runs" / run_id
+        splits = load_splits(state.split.paths)
+        log_data_inputs(tracker, ctx, state, splits)
         trained = train_and_evaluate(
             task_for(cfg),
             cfg,
-            load_splits(state.split.paths),
+            splits,
             tracker,
             out_dir,
             checkpoints,
@@ -300,7 +318,13 @@ def train(ctx: RunContext, state: PipelineState) -> RunResult:
 def _run_tags(ctx: RunContext, state: PipelineState) -> dict[str, str]:
     cfg = ctx.cfg
     return {
-        **standard_tags(cfg.run_key(state.data_md5), state.data_md5, cfg.config_hash(), ctx.root),
+        **standard_tags(
+            cfg.run_key(state.data_md5),
+            state.data_md5,
+            cfg.config_hash(),
+            ctx.root,
+            ctx.entry_point,
+        ),
         "peftflow.kind": "finetune",
         "peftflow.method": cfg.method.name,
         "peftflow.task": cfg.task,

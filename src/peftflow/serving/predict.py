@@ -16,7 +16,7 @@ from peftflow.data.loaders import TABLE_READERS
 from peftflow.errors import DataError
 from peftflow.serving.pyfunc import PeftflowModel
 from peftflow.task.registry import load_trained
-from peftflow.tracking.registration import NOT_FOUND_CODES
+from peftflow.tracking.registration import NOT_FOUND_CODES, download_logged_model
 from peftflow.tracking.runs import check_tracking_server
 
 # --- files ------------------------------------------------------------------------------------
@@ -127,20 +127,23 @@ def download_model(uri: str, tracking_uri: str | None, target: str | Path | None
     if tracking_uri:
         check_tracking_server(tracking_uri)
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
-    run_id, artifact_path = _model_artifact(client, uri)
+    run_id, artifact_path, model_id = _model_artifact(client, uri)
     target = (
         Path(target) if target is not None else Path(tempfile.mkdtemp(prefix="peftflow-model-"))
     )
+    if model_id:  # a LoggedModel: its artifacts live beside the run's, not in them
+        return download_logged_model(client.tracking_uri, model_id, target)
     return Path(client.download_artifacts(run_id, artifact_path, str(target)))
 
 
-def _model_artifact(client, uri: str) -> tuple[str, str]:
-    """(run id, artifact path) behind models:/NAME@alias, models:/NAME/VERSION or runs:/ID/PATH."""
+def _model_artifact(client, uri: str) -> tuple[str, str, str | None]:
+    """(run id, artifact path, LoggedModel id) behind models:/NAME@alias, models:/NAME/VERSION
+    or runs:/ID/PATH. Models logged before LoggedModels are run artifacts (no model id)."""
     from mlflow.exceptions import MlflowException
 
     if uri.startswith("runs:/"):
         run_id, _, path = uri.removeprefix("runs:/").partition("/")
-        return run_id, path or "model"
+        return run_id, path or "model", _run_model_id(client, run_id)
     name_part = uri.removeprefix("models:/")
     try:
         if "@" in name_part:
@@ -159,4 +162,18 @@ def _model_artifact(client, uri: str) -> tuple[str, str]:
             f"--model {uri}: not in the registry ({err.message}); check the name and the "
             "alias or version (`mlflow ui` lists them)"
         ) from None
-    return version.run_id, version.source.rstrip("/").rsplit("/", 1)[-1]
+    # MLflow's own registry stores no model id on a version: find the run's LoggedModel
+    # stored where the version points.
+    model_id = version.model_id or _run_model_id(client, version.run_id, version.source)
+    return version.run_id, version.source.rstrip("/").rsplit("/", 1)[-1], model_id
+
+
+def _run_model_id(client, run_id: str, source: str | None = None) -> str | None:
+    """The LoggedModel run ``run_id`` produced (the one stored at ``source`` when given, else
+    its newest); None for a run logged before LoggedModels."""
+    outputs = client.get_run(run_id).outputs
+    models = sorted(outputs.model_outputs if outputs else [], key=lambda output: -output.step)
+    for output in models:
+        if source is None or client.get_logged_model(output.model_id).artifact_location == source:
+            return output.model_id
+    return None

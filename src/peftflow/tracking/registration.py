@@ -1,10 +1,12 @@
-"""Logging a model into its run and registering it, exactly once, only if it reloads right.
+"""Logging a model of a run and registering it, exactly once, only if it reloads right.
 
 The model is saved as an MLflow pyfunc (models from code: no pickle) with the saved
-model folder as its artifact, uploaded through an explicit client, reloaded from the
-store as a server would load it and checked against the outputs it had before
-logging. Only then is it registered. Registration retries transient store errors and
-never registers one call's run twice.
+model folder as its artifact, and logged as an MLflow LoggedModel of its run (the runs
+table's Models column; the run's final metrics are linked to it, as ``log_model``
+links them), uploaded through an explicit client, reloaded from the store as a server
+would load it and checked against the outputs it had before logging. Only then is it
+registered. Registration retries transient store errors and never registers one
+call's run twice.
 
 Depends on: nothing in peftflow beyond errors and retry.
 """
@@ -23,13 +25,22 @@ import mlflow
 import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
+from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric
 from mlflow.exceptions import MlflowException
+from mlflow.models import Model
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
 from peftflow.errors import RegistryError
 from peftflow.retry import retry_transient
 
 MODEL_ARTIFACT_PATH = "model"
+
+# The LoggedModel's type: models of this kind are searched and compared together.
+MODEL_TYPE = "peftflow"
+
+# MLflow's limit on metrics in one log_batch call.
+METRICS_PER_BATCH = 1000
 
 
 LOGGED_CHECK_TAG = "peftflow.logged_model_check"
@@ -87,7 +98,8 @@ def log_and_register_model(
     pip_requirements: list[str] | None = None,
     check: Callable[[Callable[[pd.DataFrame], Any]], None] | None = None,
 ) -> ModelVersionInfo:
-    """Save ``python_model`` (with ``model_dir`` as its artifact) into run ``run_id``; register it.
+    """Log ``python_model`` (with ``model_dir`` as its artifact) as run ``run_id``'s LoggedModel;
+    register it.
 
     The model is saved locally and uploaded with an explicit client instead of
     ``mlflow.pyfunc.log_model``: that needs MLflow's process-global tracking
@@ -105,6 +117,13 @@ def log_and_register_model(
         )
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     run = get_run(client, run_id)
+    logged = client.create_logged_model(
+        run.info.experiment_id,
+        name=run.info.run_name or MODEL_ARTIFACT_PATH,
+        source_run_id=run_id,
+        params=dict(run.data.params),
+        model_type=MODEL_TYPE,
+    )
     with tempfile.TemporaryDirectory() as scratch:
         saved = Path(scratch) / MODEL_ARTIFACT_PATH
         mlflow.pyfunc.save_model(
@@ -114,17 +133,49 @@ def log_and_register_model(
             input_example=input_example,
             signature=signature,
             pip_requirements=pip_requirements or default_pip_requirements(),
+            mlflow_model=Model(
+                artifact_path=logged.artifact_location,
+                model_uuid=logged.model_id,
+                run_id=run_id,
+                model_id=logged.model_id,
+            ),
         )
-        client.log_artifacts(run_id, str(saved), MODEL_ARTIFACT_PATH)
+        client.log_model_artifacts(logged.model_id, str(saved))
+    client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
+    _link_final_metrics(client, run_id, logged.model_id)
     if check is not None:
-        _check_logged_model(client, run_id, check)
-    return register_version(
-        client, model_name, f"{run.info.artifact_uri}/{MODEL_ARTIFACT_PATH}", run_id
-    )
+        _check_logged_model(client, run_id, logged, check)
+    client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+    # The storage location, not models:/<id>: MLflow's sqlite registry resolves that
+    # through the process-global tracking URI, which may name another store.
+    return register_version(client, model_name, logged.artifact_location, run_id, logged.model_id)
+
+
+def _link_final_metrics(client: MlflowClient, run_id: str, model_id: str) -> None:
+    """The run's final metrics (step 0) logged again with the model's id, as MLflow's own
+    ``log_model`` does: the model's page and the registry show its evaluation."""
+    run = client.get_run(run_id)
+    linked = [
+        Metric(metric.key, metric.value, metric.timestamp, metric.step, model_id=model_id)
+        for key in run.data.metrics
+        for metric in client.get_metric_history(run_id, key)
+        if metric.step == 0 and metric.model_id is None
+    ]
+    for start in range(0, len(linked), METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=linked[start : start + METRICS_PER_BATCH])
+
+
+def download_logged_model(tracking_uri: str, model_id: str, target: str | Path) -> Path:
+    """The artifacts of LoggedModel ``model_id`` (an MLmodel folder) under ``target``."""
+    client = MlflowClient(tracking_uri)
+    location = client.get_logged_model(model_id).artifact_location
+    repository = get_artifact_repository(location, tracking_uri=tracking_uri)
+    Path(target).mkdir(parents=True, exist_ok=True)
+    return Path(repository.download_artifacts("", str(target)))
 
 
 def register_version(
-    client: MlflowClient, model_name: str, source: str, run_id: str
+    client: MlflowClient, model_name: str, source: str, run_id: str, model_id: str | None = None
 ) -> ModelVersionInfo:
     """Register ``source``, the model logged in ``run_id``, as a new version of ``model_name``.
 
@@ -144,7 +195,9 @@ def register_version(
         if committed:  # the failed attempt was written after all
             return committed[0]
         tags = {REGISTRATION_TAG: registration_id}
-        return client.create_model_version(model_name, source, run_id=run_id, tags=tags)
+        return client.create_model_version(
+            model_name, source, run_id=run_id, tags=tags, model_id=model_id
+        )
 
     registered = retry_transient(create, f"registering run {run_id} as a version of {model_name!r}")
     _drop_duplicates(client, model_name, run_id, registration_id, str(registered.version))
@@ -184,16 +237,20 @@ def _drop_duplicates(
 
 
 def _check_logged_model(
-    client: MlflowClient, run_id: str, check: Callable[[Callable[[pd.DataFrame], Any]], None]
+    client: MlflowClient,
+    run_id: str,
+    logged: Any,
+    check: Callable[[Callable[[pd.DataFrame], Any]], None],
 ) -> None:
     """Download the uploaded model, load it as MLflow serves it, let ``check`` judge its outputs."""
     with tempfile.TemporaryDirectory() as scratch:
-        local = client.download_artifacts(run_id, MODEL_ARTIFACT_PATH, scratch)
-        served = mlflow.pyfunc.load_model(local)
+        local = download_logged_model(client.tracking_uri, logged.model_id, scratch)
+        served = mlflow.pyfunc.load_model(str(local))
         try:
             check(served.predict)
         except RegistryError as error:
             client.set_tag(run_id, LOGGED_CHECK_TAG, "failed")
+            client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
             raise RegistryError(
                 f"the model logged in run {run_id} does not reload to the outputs it had before "
                 f"logging, so it was not registered: {error}"

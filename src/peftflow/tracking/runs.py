@@ -6,7 +6,7 @@ same process cannot log into each other's runs. Metrics are sent in one
 ``log_batch`` call per step because a single ``log_metric`` costs ~9 ms on the
 sqlite store.
 
-Depends on: nothing in peftflow.
+Depends on: nothing in peftflow beyond tracking.lineage.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import platform
 import socket
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from mlflow.utils.validation import (
 import peftflow
 from peftflow.errors import PeftflowError
 from peftflow.gitinfo import git_commit, git_dirty
+from peftflow.tracking.lineage import mark_model_training, source_tags
 
 RUN_KEY_TAG = "peftflow.run_key"
 MODEL_DIR_TAG = "peftflow.model_dir"
@@ -112,18 +114,24 @@ def ensure_experiment(name: str, tracking_uri: str, root: Path) -> str:
     check_tracking_server(tracking_uri)
     client = MlflowClient(tracking_uri)
     existing = client.get_experiment_by_name(name)
-    if existing is not None:
-        return _usable_experiment_id(existing)
+    if existing is None:
+        existing = _create_experiment(client, name, tracking_uri, root)
+    experiment_id = _usable_experiment_id(existing)
+    mark_model_training(client, experiment_id, existing.tags)
+    return experiment_id
+
+
+def _create_experiment(client: MlflowClient, name: str, tracking_uri: str, root: Path) -> Any:
     location = (
         (Path(root).resolve() / "mlruns").as_uri() if _is_local_sqlite(tracking_uri) else None
     )
     try:
-        return client.create_experiment(name, artifact_location=location)
+        client.create_experiment(name, artifact_location=location)
     except MlflowException as error:
         # Another task created it between our lookup and create: use theirs.
         if error.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
             raise
-        return _usable_experiment_id(client.get_experiment_by_name(name))
+    return client.get_experiment_by_name(name)
 
 
 def _usable_experiment_id(experiment: Any) -> str:
@@ -143,9 +151,15 @@ def _package_version(package: str) -> str:
         return "not-installed"
 
 
-def standard_tags(run_key: str, data_md5: str, config_hash: str, root: Path) -> dict[str, str]:
-    """Tags that make a run traceable: cache key, data and config identity, code and versions."""
+def standard_tags(
+    run_key: str, data_md5: str, config_hash: str, root: Path, entry_point: str = ""
+) -> dict[str, str]:
+    """Tags that make a run traceable: cache key, data and config identity, code and versions.
+
+    ``entry_point``: what ran (a flow's file and function); default: the command's name.
+    """
     tags = {
+        **source_tags(root, entry_point or Path(sys.argv[0]).name),
         RUN_KEY_TAG: run_key,
         "peftflow.data_md5": data_md5,
         "peftflow.config_hash": config_hash,
@@ -322,6 +336,10 @@ class RunTracker:
         if not path.exists():
             raise PeftflowError(f"cannot log artifact {path}: it does not exist; write it first.")
         self.client.log_artifact(self._require_open_run(), str(path), artifact_path)
+
+    def log_inputs(self, datasets: list) -> None:
+        """Dataset inputs (``mlflow.entities.DatasetInput``): the run's Datasets in the UI."""
+        self.client.log_inputs(self._require_open_run(), datasets=datasets)
 
     def log_dict(self, obj: dict, file: str) -> None:
         """Write ``obj`` as a JSON (or YAML, by extension) artifact named ``file``."""
