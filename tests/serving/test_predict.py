@@ -91,6 +91,55 @@ def test_missing_column_is_a_clear_error_and_writes_nothing(classifier_dir, tmp_
     assert not out.exists() and not list(tmp_path.glob(".out.csv*"))
 
 
+def write_input(path, kind: str):
+    """An input file that is wrong in the way ``kind`` says."""
+    if kind == "missing":
+        return path / "absent.csv"
+    if kind == "suffix":
+        (path / "in.xlsx").write_text("text\nhi\n")
+        return path / "in.xlsx"
+    if kind == "empty":
+        (path / "in.csv").write_bytes(b"")
+        return path / "in.csv"
+    if kind == "latin1":
+        (path / "in.csv").write_bytes("text\nhello\ncaf\xe9 ouvert\n".encode("latin-1"))
+        return path / "in.csv"
+    if kind == "header-only":
+        (path / "in.csv").write_text("text\n")
+        return path / "in.csv"
+    if kind == "null":
+        (path / "in.jsonl").write_text('{"text": "hi"}\n{"text": null}\n{"text": "yo"}\n')
+        return path / "in.jsonl"
+    assert kind == "blank"
+    frame = pd.DataFrame({"id": [1, 2, 3, 4], "text": ["hi", "", "   ", "yo"]})
+    frame.to_csv(path / "in.csv", index=False)
+    return path / "in.csv"
+
+
+@pytest.mark.parametrize(
+    "kind,message",
+    [
+        ("missing", "input file {path} does not exist; set --input to an existing file"),
+        ("suffix", "unsupported file type '.xlsx'; convert it to one of .csv, .parquet"),
+        ("empty", "input file {path} is empty (0 bytes)"),
+        ("latin1", "is not UTF-8 text (line 3: byte b'\\xe9'"),
+        ("header-only", "has no rows; nothing to predict"),
+        ("null", "has no text in 1 row(s) (data rows 2, counted from 1)"),
+        ("blank", "has no text in 2 row(s) (data rows 2, 3, counted from 1)"),
+    ],
+)
+def test_bad_input_files_are_refused_before_the_model_loads_and_write_nothing(
+    tmp_path, kind, message
+):
+    source = write_input(tmp_path, kind)
+    out = tmp_path / "out" / "predictions.csv"
+    # No model at that path: an input error must come first, with nothing loaded.
+    result = invoke("--model", tmp_path / "no-model-here", "-i", source, "-o", out)
+    assert result.exit_code == 2, result.output
+    assert message.format(path=source) in " ".join(result.output.split()), result.output
+    assert not out.parent.exists()
+
+
 @pytest.mark.parametrize(
     "model,output,message",
     [

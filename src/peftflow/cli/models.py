@@ -30,12 +30,17 @@ def predict(
     root: Path = typer.Option(Path("."), help=STORE_ROOT_HELP),
 ) -> None:
     """Predict (labels or generated text) for every row of a file; input columns are kept."""
-    from peftflow.serving.predict import load_predictor, predict_file  # deferred: torch, mlflow
+    from peftflow.serving import predict as serving  # deferred: torch, mlflow
     from peftflow.tracking.runs import resolve_tracking_uri  # deferred: mlflow
 
     try:
-        predictor = load_predictor(model, resolve_tracking_uri(None, root))
-        written = predict_file(predictor, input_path, output_path, text_column, batch_size)
+        # The files first: a bad input or output name is refused before the model loads.
+        serving.output_writer(output_path)
+        frame = serving.read_input_table(input_path, text_column)
+        predictor = serving.load_predictor(model, resolve_tracking_uri(None, root))
+        written = serving.predict_frame_to_file(
+            predictor, frame, output_path, text_column, batch_size
+        )
     except PeftflowError as err:
         fail(err)
     typer.echo(f"wrote {written}")

@@ -122,6 +122,16 @@ def load_generation_table(
 
 
 def _read_user_table(path: Path) -> pd.DataFrame:
+    return read_table_file(path, "data file", "data.path")
+
+
+def read_table_file(path: Path, role: str, setting: str) -> pd.DataFrame:
+    """A user's CSV/parquet/JSONL/JSON file as read, or a DataError that names the fix.
+
+    ``role`` says what the file is for ("data file", "input file") and ``setting`` where
+    its path came from ("data.path", "--input"), for the messages.
+    """
+    path = Path(path)
     reader = TABLE_READERS.get(path.suffix.lower())
     if reader is None:
         raise DataError(
@@ -129,9 +139,9 @@ def _read_user_table(path: Path) -> pd.DataFrame:
             f"convert it to one of {', '.join(TABLE_READERS)}"
         )
     if not path.is_file():
-        raise DataError(f"data file {path} does not exist; set data.path to an existing file")
+        raise DataError(f"{role} {path} does not exist; set {setting} to an existing file")
     if path.stat().st_size == 0:
-        raise DataError(f"data file {path} is empty (0 bytes); point data.path at the real file")
+        raise DataError(f"{role} {path} is empty (0 bytes); point {setting} at the real file")
     try:
         return reader(path)
     except UnicodeDecodeError as err:

@@ -9,10 +9,11 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from peftflow.data.loaders import TABLE_READERS
+from peftflow.data.loaders import read_table_file
 from peftflow.errors import DataError
 from peftflow.serving.pyfunc import PeftflowModel
 from peftflow.task.registry import load_trained
@@ -29,26 +30,37 @@ WRITERS = {
 
 
 def read_input_table(path: Path, text_column: str) -> pd.DataFrame:
-    """A CSV/JSONL/parquet file with ``text_column``; clear errors for anything else."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"input file {path} does not exist")
-    reader = TABLE_READERS.get(path.suffix.lower())
-    if reader is None:
-        raise DataError(f"input {path} has suffix {path.suffix!r}; use one of {', '.join(WRITERS)}")
-    frame = reader(path)
+    """A CSV/JSONL/parquet file with a text in every row of ``text_column``.
+
+    Any row without one (null, empty or only whitespace) refuses the whole file, naming the
+    rows: a prediction for a blank text would look like an answer.
+    """
+    frame = read_table_file(Path(path), "input file", "--input")
     if text_column not in frame.columns:
         raise DataError(
             f"input {path} has no column {text_column!r} (columns: {list(frame.columns)}); "
             "pass --text-column with the column holding the texts"
         )
-    missing = frame.index[frame[text_column].isna()].tolist()
-    if missing:
+    if frame.empty:
+        raise DataError(f"input {path} has no rows; nothing to predict")
+    texts = frame[text_column]
+    blank = texts.isna() | texts.astype(str).str.strip().eq("")
+    if blank.any():
+        rows = [int(row) + 1 for row in np.flatnonzero(blank.to_numpy())]
+        listed = ", ".join(map(str, rows[:10])) + (", ..." if len(rows) > 10 else "")
         raise DataError(
-            f"input {path}: column {text_column!r} is empty in rows {missing[:10]}; "
-            "fill or drop those rows"
+            f"input {path}: column {text_column!r} has no text in {len(rows)} row(s) "
+            f"(data rows {listed}, counted from 1); fill or drop those rows"
         )
     return frame
+
+
+def output_writer(output_path: Path) -> Callable[[pd.DataFrame, Path], None]:
+    """How ``output_path`` is written, by its suffix; refused before any prediction work."""
+    writer = WRITERS.get(Path(output_path).suffix.lower())
+    if writer is None:
+        raise DataError(f"output {output_path}: use a {', '.join(WRITERS)} file name")
+    return writer
 
 
 def predict_file(
@@ -64,23 +76,38 @@ def predict_file(
     ``predict_frame`` takes a DataFrame with a ``text`` column (an MLflow pyfunc's
     ``predict``) and returns one row per input row.
     """
-    output_path = Path(output_path)
-    writer = WRITERS.get(output_path.suffix.lower())
-    if writer is None:  # checked before any prediction work
-        raise DataError(f"output {output_path}: use a {', '.join(WRITERS)} file name")
+    output_writer(output_path)
     frame = read_input_table(input_path, text_column)
+    return predict_frame_to_file(
+        predict_frame, frame, output_path, text_column, batch_size, progress
+    )
+
+
+def predict_frame_to_file(
+    predict_frame: Callable[[pd.DataFrame], pd.DataFrame],
+    frame: pd.DataFrame,
+    output_path: Path,
+    text_column: str = "text",
+    batch_size: int = 64,
+    progress: bool = True,
+) -> Path:
+    """``frame`` (checked by read_input_table) + its predictions, written whole or not at all."""
+    output_path, writer = Path(output_path), output_writer(output_path)
     texts = frame[text_column].astype(str)
     chunks = []
     batches = range(0, len(frame), batch_size)
     for start in tqdm(batches, desc="predict", unit="batch", disable=not progress):
         batch = pd.DataFrame({"text": texts.iloc[start : start + batch_size].tolist()})
         chunks.append(predict_frame(batch).reset_index(drop=True))
-    predictions = pd.concat(chunks, ignore_index=True) if chunks else pd.DataFrame()
+    predictions = pd.concat(chunks, ignore_index=True)
     result = pd.concat([frame.reset_index(drop=True), predictions], axis=1)
     output_path.parent.mkdir(parents=True, exist_ok=True)
     staging = output_path.with_name(f".{output_path.name}.partial")
-    writer(result, staging)
-    os.replace(staging, output_path)  # a crash never leaves half an output file
+    try:
+        writer(result, staging)
+        os.replace(staging, output_path)  # a crash never leaves half an output file
+    finally:
+        staging.unlink(missing_ok=True)
     return output_path
 
 
