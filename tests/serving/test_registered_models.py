@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import mlflow
 import pandas as pd
 import pytest
 import torch
 from mlflow import MlflowClient
 from mlflow.models import Model
+from typer.testing import CliRunner
 
+from peftflow.cli.main import app
 from peftflow.config.experiment import ExperimentConfig
 from peftflow.config.loading import parse_config
 from peftflow.data.encoding import encode
@@ -19,6 +22,7 @@ from peftflow.pipeline import stages
 from peftflow.pipeline.results import PipelineState, RunContext, SplitResult
 from peftflow.serving.predict import download_model, load_predictor
 from peftflow.serving.pyfunc import ENTRY_POINT, PeftflowModel
+from peftflow.serving.trust import untrusted_reason
 from peftflow.task.classification import predict_logits
 from peftflow.task.generation_decoding import generate_texts
 from peftflow.task.registry import build_for_training, load_trained, save_trained
@@ -174,3 +178,45 @@ def test_same_predictions_tolerates_float_noise_only(expected, actual, message):
         return
     with pytest.raises(RegistryError, match=message.replace("(", r"\(")):
         assert_same_predictions(pd.DataFrame(expected), pd.DataFrame(actual))
+
+
+class EchoModel(mlflow.pyfunc.PythonModel):
+    """A model peftflow did not log: its code is a pickled class, run on load."""
+
+    def predict(self, context, model_input, params=None):
+        return pd.DataFrame({"label": ["ham"] * len(model_input)})
+
+
+def test_predict_loads_only_models_peftflow_logged_unless_trusted(
+    tiny_models, tracking_uri, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+    cfg = tiny_cfg(tiny_models["bert"], "classification", tracking_uri)
+    model, tokenizer, base = trained_like(cfg)
+    model_dir = save_trained(model, tokenizer, cfg, base, tmp_path / "model")
+    register_stage(
+        cfg, logged_run(cfg, tmp_path), str(model_dir), tmp_path, check_split(tmp_path, "text")
+    )
+    ours = download_model("models:/tiny-classification/1", tracking_uri, tmp_path / "ours")
+    assert Model.load(str(ours)).flavors["peftflow"]["peftflow_version"]
+    assert untrusted_reason(ours) is None
+
+    # Tampered with after logging: the stored entry point is no longer peftflow's.
+    entry = ours / ENTRY_POINT.name
+    entry.write_text(entry.read_text() + "\nimport os  # anything at all\n")
+    assert "is not this peftflow's pyfunc_entry.py" in untrusted_reason(ours)
+
+    # Logged by someone else, registered in the same store.
+    with mlflow.start_run() as run:
+        mlflow.pyfunc.log_model(name="model", python_model=EchoModel())
+    mlflow.register_model(f"runs:/{run.info.run_id}/model", "foreign")
+    source = tmp_path / "in.csv"
+    pd.DataFrame({"text": TEXTS}).to_csv(source, index=False)
+    out = tmp_path / "out.csv"
+    args = ["predict", "-m", "models:/foreign/1", "-i", str(source), "-o", str(out)]
+    refused = CliRunner().invoke(app, args)
+    assert refused.exit_code == 2 and not out.exists()
+    assert "has no 'peftflow' flavor" in refused.output and "--trust-model" in refused.output
+    trusted = CliRunner().invoke(app, [*args, "--trust-model"])
+    assert trusted.exit_code == 0, trusted.output
+    assert pd.read_csv(out)["label"].tolist() == ["ham"] * len(TEXTS)

@@ -28,6 +28,11 @@ def predict(
     text_column: str = typer.Option("text", help="The input column holding the texts."),
     batch_size: int = typer.Option(64, min=1, help="Rows per prediction batch."),
     root: Path = typer.Option(Path("."), help=STORE_ROOT_HELP),
+    trust_model: bool = typer.Option(
+        False,
+        "--trust-model",
+        help="Load a store's model that peftflow did not log (it runs the code stored with it).",
+    ),
 ) -> None:
     """Predict (labels or generated text) for every row of a file; input columns are kept."""
     from peftflow.serving import predict as serving  # deferred: torch, mlflow
@@ -37,7 +42,7 @@ def predict(
         # The files first: a bad input or output name is refused before the model loads.
         serving.output_writer(output_path)
         frame = serving.read_input_table(input_path, text_column)
-        predictor = serving.load_predictor(model, resolve_tracking_uri(None, root))
+        predictor = serving.load_predictor(model, resolve_tracking_uri(None, root), trust_model)
         written = serving.predict_frame_to_file(
             predictor, frame, output_path, text_column, batch_size
         )

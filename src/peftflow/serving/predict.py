@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from peftflow.data.loaders import read_table_file
 from peftflow.errors import DataError
 from peftflow.serving.pyfunc import PeftflowModel
+from peftflow.serving.trust import require_trusted
 from peftflow.task.registry import load_trained
 from peftflow.tracking.registration import NOT_FOUND_CODES, download_logged_model
 from peftflow.tracking.runs import check_tracking_server
@@ -111,8 +112,14 @@ def predict_frame_to_file(
     return output_path
 
 
-def load_predictor(model: str, tracking_uri: str | None = None) -> Callable:
-    """``models:/NAME@alias`` / ``runs:/...`` through MLflow, or a saved model folder directly."""
+def load_predictor(
+    model: str, tracking_uri: str | None = None, trust_model: bool = False
+) -> Callable:
+    """``models:/NAME@alias`` / ``runs:/...`` through MLflow, or a saved model folder directly.
+
+    A model from a store loads only if peftflow logged it, or with ``trust_model``
+    (serving/trust.py): loading it runs the code stored with it.
+    """
     folder = Path(model)
     if folder.is_dir():
         wrapper = PeftflowModel.from_loaded(load_trained(folder))
@@ -130,7 +137,9 @@ def load_predictor(model: str, tracking_uri: str | None = None) -> Callable:
     # collected or at exit), never left behind in the temp folder.
     scratch = tempfile.TemporaryDirectory(prefix="peftflow-model-")
     try:
-        served = mlflow.pyfunc.load_model(str(download_model(model, tracking_uri, scratch.name)))
+        folder = download_model(model, tracking_uri, scratch.name)
+        require_trusted(folder, model, trust_model)
+        served = mlflow.pyfunc.load_model(str(folder))
     except BaseException:
         scratch.cleanup()
         raise
@@ -191,8 +200,15 @@ def _model_artifact(client, uri: str) -> tuple[str, str, str | None]:
         ) from None
     # MLflow's own registry stores no model id on a version: find the run's LoggedModel
     # stored where the version points.
-    model_id = version.model_id or _run_model_id(client, version.run_id, version.source)
+    model_id = version.model_id or _logged_model_in(version.source)
+    model_id = model_id or _run_model_id(client, version.run_id, version.source)
     return version.run_id, version.source.rstrip("/").rsplit("/", 1)[-1], model_id
+
+
+def _logged_model_in(source: str) -> str | None:
+    """The LoggedModel id of a version MLflow's own API registered (source ``models:/m-...``)."""
+    reference = source.removeprefix("models:/")
+    return reference if reference != source and reference.startswith("m-") else None
 
 
 def _run_model_id(client, run_id: str, source: str | None = None) -> str | None:

@@ -31,10 +31,15 @@ from mlflow.models import Model
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
+import peftflow
 from peftflow.errors import RegistryError
 from peftflow.retry import retry_transient
 
 MODEL_ARTIFACT_PATH = "model"
+
+# The MLmodel flavor that marks a model peftflow logged (with the version that logged it):
+# what `peftflow predict` requires before it runs a model's stored code (serving/trust.py).
+PEFTFLOW_FLAVOR = "peftflow"
 
 # The LoggedModel's type: models of this kind are searched and compared together.
 MODEL_TYPE = "peftflow"
@@ -124,6 +129,13 @@ def log_and_register_model(
         params=dict(run.data.params),
         model_type=MODEL_TYPE,
     )
+    mlflow_model = Model(
+        artifact_path=logged.artifact_location,
+        model_uuid=logged.model_id,
+        run_id=run_id,
+        model_id=logged.model_id,
+    )
+    mlflow_model.add_flavor(PEFTFLOW_FLAVOR, peftflow_version=peftflow.__version__)
     with tempfile.TemporaryDirectory() as scratch:
         saved = Path(scratch) / MODEL_ARTIFACT_PATH
         mlflow.pyfunc.save_model(
@@ -133,12 +145,7 @@ def log_and_register_model(
             input_example=input_example,
             signature=signature,
             pip_requirements=pip_requirements or default_pip_requirements(),
-            mlflow_model=Model(
-                artifact_path=logged.artifact_location,
-                model_uuid=logged.model_id,
-                run_id=run_id,
-                model_id=logged.model_id,
-            ),
+            mlflow_model=mlflow_model,
         )
         client.log_model_artifacts(logged.model_id, str(saved))
     client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
