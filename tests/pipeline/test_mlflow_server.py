@@ -124,11 +124,17 @@ def test_two_variants_gate_refusal_rollback_and_predict_on_a_server(
 
         # Artifacts live in the server's artifact store, never under the project's mlruns/.
         assert run.info.artifact_uri.startswith("mlflow-artifacts:/"), run.info.artifact_uri
-        stored = mlflow_server_dir / "artifacts" / run.info.experiment_id / run.info.run_id
-        assert (stored / "artifacts" / "model" / "MLmodel").is_file()
-        assert {"data_checks", "model", "model_folder"} <= {
+        experiment_store = mlflow_server_dir / "artifacts" / run.info.experiment_id
+        assert (experiment_store / run.info.run_id / "artifacts" / "model_folder").is_dir()
+        assert {"data_checks", "model_folder"} <= {
             a.path for a in client.list_artifacts(run.info.run_id)
         }
+        # The model is the run's LoggedModel, stored beside the runs in the same store.
+        (output,) = run.outputs.model_outputs
+        logged = client.get_logged_model(output.model_id)
+        assert logged.artifact_location.startswith("mlflow-artifacts:/"), logged.artifact_location
+        model_files = experiment_store / "models" / output.model_id / "artifacts"
+        assert (model_files / "MLmodel").is_file()
     assert not (root / "mlruns").exists()
     assert not (Path.cwd() / "mlartifacts").exists()
 

@@ -170,8 +170,11 @@ def assert_one_version_per_run(client: MlflowClient, model: str, run_ids: list[s
     run_of = {str(v.version): v.run_id for v in stored}
     assert len(run_of) == len(run_ids), run_of
     assert sorted(run_of.values()) == sorted(run_ids), run_of
-    for version in stored:
-        assert version.run_id in version.source, (version.version, version.source)
+    for version in stored:  # its own run's LoggedModel, or its own run's runs:/ URI
+        outputs = client.get_run(version.run_id).outputs.model_outputs
+        where = [client.get_logged_model(o.model_id).artifact_location for o in outputs]
+        expected = where or [f"runs:/{version.run_id}/model"]
+        assert [version.source] == expected, (version.version, version.source)
 
 
 def assert_serial_outcome(

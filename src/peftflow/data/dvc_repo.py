@@ -70,7 +70,9 @@ def default_remote(root: Path) -> str:
 
 def version_location(root: Path, md5: str) -> str:
     """The URL of data version ``md5`` in the "storage" remote (DVC 3's ``files/md5`` layout:
-    a directory's ``.dir`` manifest, which lists its files), or "" without a remote."""
+    a directory's ``.dir`` manifest, which lists its files), or "" without a DVC repo or remote."""
+    if not (Path(root) / ".dvc").is_dir():
+        return ""
     with open_repo(root) as repo:
         url = repo.config["remote"].get(REMOTE_NAME, {}).get("url", "")
     if not url:
