@@ -11,7 +11,7 @@ export UV_FIND_LINKS := /opt/wheels
 export UV_PYTHON_DOWNLOADS := never
 export UV_LINK_MODE := copy
 
-.PHONY: setup demo test test-fast lint lock ingest clean
+.PHONY: setup demo test test-fast lint lock ingest clean browser
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -32,7 +32,11 @@ setup: $(BIN)/peftflow $(VENV)/.tcmalloc-checked
 demo: setup
 	$(BIN)/peftflow demo
 
-test: setup
+# Debian's Chromium for the real-browser test of the MLflow UI (tests/cli/test_ui_browser.py).
+browser:
+	@bash infra/install_chromium.sh
+
+test: setup browser
 	$(BIN)/pytest
 
 test-fast: setup

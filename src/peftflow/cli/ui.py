@@ -19,6 +19,9 @@ import typer
 from peftflow.cli.common import STORE_HELP, fail
 from peftflow.errors import PeftflowError
 
+# The query that opens MLflow's UI on its "Model training" view (runs, models, registry).
+MODEL_TRAINING_VIEW = "workflowType=machine_learning"
+
 
 def is_loopback(host: str) -> bool:
     """Whether ``host`` only accepts connections from this machine."""
@@ -120,7 +123,11 @@ def ui(
     except PeftflowError as err:
         fail(err)
     shown = f"[{host}]" if ":" in host else host
-    typer.echo(f"MLflow UI: http://{shown}:{port} (Ctrl-C to stop)")
+    # MLflow 3's UI picks its view from a switch kept in the browser (GenAI by default), not
+    # from the experiment's kind: the link opens it on runs and models.
+    typer.echo(
+        f"MLflow UI: http://{shown}:{port}/#/experiments?{MODEL_TRAINING_VIEW} (Ctrl-C to stop)"
+    )
     code = _serve_in_foreground(argv)
     if code:
         raise typer.Exit(code=code)
