@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import torch
 from mlflow import MlflowClient
+from mlflow.entities import LoggedModelStatus
 from mlflow.models import Model
 from typer.testing import CliRunner
 
@@ -159,6 +160,8 @@ def test_a_logged_model_that_reloads_differently_is_never_registered(
     client = MlflowClient(tracking_uri)
     assert client.get_run(run_id).data.tags[LOGGED_CHECK_TAG] == "failed"
     assert client.search_model_versions("name='tiny-classification'") == []
+    (output,) = client.get_run(run_id).outputs.model_outputs  # marked failed, not pending
+    assert client.get_logged_model(output.model_id).status == LoggedModelStatus.FAILED
 
 
 @pytest.mark.parametrize(

@@ -8,11 +8,12 @@ would load it and checked against the outputs it had before logging. Only then i
 registered. Registration retries transient store errors and never registers one
 call's run twice.
 
-Depends on: nothing in peftflow beyond errors and retry.
+Depends on: nothing in peftflow beyond errors, retry and its version.
 """
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import uuid
 from collections.abc import Callable
@@ -129,6 +130,33 @@ def log_and_register_model(
         params=dict(run.data.params),
         model_type=MODEL_TYPE,
     )
+    try:
+        saved_as = {
+            "python_model": python_model,
+            "artifacts": {"model_dir": str(model_dir)},
+            "input_example": input_example,
+            "signature": signature,
+            "pip_requirements": pip_requirements or default_pip_requirements(),
+        }
+        _upload_model(client, logged, run_id, saved_as)
+        client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
+        _link_final_metrics(client, run_id, logged.model_id)
+        if check is not None:
+            _check_logged_model(client, run_id, logged, check)
+    except BaseException:
+        # A model that never became whole is marked so, never left "pending" in the UI.
+        with contextlib.suppress(MlflowException):
+            client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
+        raise
+    client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+    # The storage location, not models:/<id>: MLflow's sqlite registry resolves that
+    # through the process-global tracking URI, which may name another store.
+    return register_version(client, model_name, logged.artifact_location, run_id, logged.model_id)
+
+
+def _upload_model(client: MlflowClient, logged: Any, run_id: str, saved_as: dict) -> None:
+    """Save the pyfunc (``saved_as``: save_model's arguments) marked as peftflow's, and upload
+    it as LoggedModel ``logged``'s artifacts."""
     mlflow_model = Model(
         artifact_path=logged.artifact_location,
         model_uuid=logged.model_id,
@@ -138,24 +166,8 @@ def log_and_register_model(
     mlflow_model.add_flavor(PEFTFLOW_FLAVOR, peftflow_version=peftflow.__version__)
     with tempfile.TemporaryDirectory() as scratch:
         saved = Path(scratch) / MODEL_ARTIFACT_PATH
-        mlflow.pyfunc.save_model(
-            saved,
-            python_model=python_model,
-            artifacts={"model_dir": str(model_dir)},
-            input_example=input_example,
-            signature=signature,
-            pip_requirements=pip_requirements or default_pip_requirements(),
-            mlflow_model=mlflow_model,
-        )
+        mlflow.pyfunc.save_model(saved, mlflow_model=mlflow_model, **saved_as)
         client.log_model_artifacts(logged.model_id, str(saved))
-    client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
-    _link_final_metrics(client, run_id, logged.model_id)
-    if check is not None:
-        _check_logged_model(client, run_id, logged, check)
-    client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
-    # The storage location, not models:/<id>: MLflow's sqlite registry resolves that
-    # through the process-global tracking URI, which may name another store.
-    return register_version(client, model_name, logged.artifact_location, run_id, logged.model_id)
 
 
 def _link_final_metrics(client: MlflowClient, run_id: str, model_id: str) -> None:
@@ -257,7 +269,6 @@ def _check_logged_model(
             check(served.predict)
         except RegistryError as error:
             client.set_tag(run_id, LOGGED_CHECK_TAG, "failed")
-            client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
             raise RegistryError(
                 f"the model logged in run {run_id} does not reload to the outputs it had before "
                 f"logging, so it was not registered: {error}"
