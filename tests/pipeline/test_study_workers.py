@@ -175,10 +175,12 @@ def test_a_study_fans_out_to_two_workers_and_survives_losing_one(tmp_path, monke
                 while time.monotonic() < deadline and "variant" not in lost:
                     name = first_running_variant(client)
                     if name is not None:
-                        time.sleep(8)  # in the middle of the variant's stages
+                        # Into the variant's stages (its first heartbeat is sent as it starts),
+                        # well before its end: a tiny variant takes about 8 s on a fast CPU.
+                        time.sleep(2)
                         kill_machine(started[0])
                         lost["variant"] = name
-                    time.sleep(1)
+                    time.sleep(0.5)
             started.append(worker(survivor, limit=2))  # the rest, two at a time
 
         chaos = threading.Thread(target=lose_worker_a_then_start_b)
