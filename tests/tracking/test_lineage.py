@@ -8,6 +8,7 @@ import subprocess
 import pandas as pd
 from mlflow import MlflowClient
 
+from peftflow.gitinfo import git_commit
 from peftflow.tracking.lineage import (
     EXPERIMENT_KIND_TAG,
     MODEL_TRAINING,
@@ -20,7 +21,7 @@ MD5 = "5a068c8597d0421ba334d75277b07995.dir"
 
 
 def test_source_tags_name_the_entry_point_and_the_commit_only_when_known(tmp_path):
-    assert source_tags(tmp_path, "flows/study.py:study") == {
+    assert source_tags("flows/study.py:study", git_commit(tmp_path)) == {
         "mlflow.source.name": "flows/study.py:study",
         "mlflow.source.type": "LOCAL",
     }  # not a git checkout: no commit is claimed
@@ -28,7 +29,8 @@ def test_source_tags_name_the_entry_point_and_the_commit_only_when_known(tmp_pat
     subprocess.run([*git, "init", "-q"], check=True)
     subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "first"], check=True)
     head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout
-    assert source_tags(tmp_path, "peftflow")["mlflow.source.git.commit"] == head.strip()
+    tags = source_tags("peftflow", git_commit(tmp_path))
+    assert tags["mlflow.source.git.commit"] == head.strip()
 
 
 def test_each_split_is_a_dataset_input_with_the_data_versions_digest(tmp_path):

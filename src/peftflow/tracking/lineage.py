@@ -14,7 +14,6 @@ Depends on: nothing in peftflow beyond gitinfo.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 
 import mlflow.data
 import pandas as pd
@@ -27,20 +26,20 @@ from mlflow.utils.mlflow_tags import (
     MLFLOW_SOURCE_TYPE,
 )
 
-from peftflow.gitinfo import UNKNOWN_COMMIT, git_commit
+from peftflow.gitinfo import UNKNOWN_COMMIT
 
 # The experiment tag MLflow's UI reads to pick its view (3.x): runs, models, datasets.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING = "custom_model_development"
 
 
-def source_tags(root: Path, entry_point: str) -> dict[str, str]:
-    """MLflow's source tags: the entry point that ran, and the commit when ``root`` is in git."""
+def source_tags(entry_point: str, commit: str) -> dict[str, str]:
+    """MLflow's source tags: the entry point that ran, and ``commit`` (from
+    ``gitinfo.git_commit``, read once by the caller) when it is known."""
     tags = {
         MLFLOW_SOURCE_NAME: entry_point,
         MLFLOW_SOURCE_TYPE: SourceType.to_string(SourceType.LOCAL),
     }
-    commit = git_commit(root)
     if commit != UNKNOWN_COMMIT:
         tags[MLFLOW_GIT_COMMIT] = commit
     return tags

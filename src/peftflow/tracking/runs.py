@@ -158,12 +158,13 @@ def standard_tags(
 
     ``entry_point``: what ran (a flow's file and function); default: the command's name.
     """
+    commit = git_commit(root)  # one git call for both peftflow's tag and MLflow's
     tags = {
-        **source_tags(root, entry_point or Path(sys.argv[0]).name),
+        **source_tags(entry_point or Path(sys.argv[0]).name, commit),
         RUN_KEY_TAG: run_key,
         "peftflow.data_md5": data_md5,
         "peftflow.config_hash": config_hash,
-        "peftflow.git_commit": git_commit(root),
+        "peftflow.git_commit": commit,
         "peftflow.git_dirty": str(git_dirty(root)).lower(),
         "peftflow.version": peftflow.__version__,
     }
