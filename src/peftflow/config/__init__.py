@@ -26,7 +26,13 @@ from peftflow.config.loading import (
     parse_overrides,
     read_yaml_mapping,
 )
-from peftflow.config.methods import METHOD_SETTINGS, MethodConfig, MethodSettings
+from peftflow.config.methods import (
+    METHOD_SETTINGS,
+    FullSettings,
+    MethodConfig,
+    MethodSettings,
+    merges_into_base,
+)
 from peftflow.config.sections import (
     DataConfig,
     Frozen,
@@ -40,6 +46,8 @@ from peftflow.config.sections import (
 
 __all__ = [
     "METHOD_SETTINGS",
+    "FullSettings",
+    "merges_into_base",
     "RUN_KEY_EXCLUDED",
     "RUN_KEY_OMITTED_AT_DEFAULT",
     "TASK_DEFAULTS",

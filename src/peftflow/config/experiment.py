@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from peftflow.config.methods import METHOD_SETTINGS, LoraSettings, MethodConfig
+from peftflow.config.methods import METHOD_SETTINGS, LoraSettings, MethodConfig, merges_into_base
 from peftflow.config.sections import (
     DataConfig,
     Frozen,
@@ -111,6 +111,11 @@ class ExperimentConfig(Frozen):
         for field, value, why in TASK_REQUIRED_MODEL[self.task]:
             if getattr(self.model, field) != value:
                 raise ValueError(f"task {self.task!r} needs model.{field}: {value} ({why})")
+        if self.tracking.model_format == "merged" and not merges_into_base(self.method):
+            raise ValueError(
+                f"tracking.model_format: merged needs a method whose weights fold into the "
+                f"base; {self.method.name!r} adds modules. Use tracking.model_format: adapter"
+            )
         return self
 
     def config_hash(self) -> str:
@@ -142,7 +147,10 @@ TASK_METRICS: dict[str, str] = {task: default_promote_metric(task) for task in T
 # Fields that do not change what a run computes, so not part of its config hash (and run
 # key): a checkpointed run resumes whatever its checkpoint cadence, and a data-parallel run
 # keeps the key of the one-process run it equals up to float summation order.
-RUN_KEY_EXCLUDED: dict[str, set[str]] = {"train": {"checkpoint_every_steps", "devices"}}
+RUN_KEY_EXCLUDED: dict[str, set[str]] = {
+    "train": {"checkpoint_every_steps", "devices"},
+    "tracking": {"model_format"},  # how the trained model is logged, not what it is
+}
 # Fields added after runs were keyed that can change a result: hashed only when set away
 # from their default, so every config written before them keeps its key.
 RUN_KEY_OMITTED_AT_DEFAULT: dict[str, dict[str, Any]] = {

@@ -265,6 +265,12 @@ def method_settings(name: str) -> type[MethodSettings]:
     return METHOD_SETTINGS[name]
 
 
+def merges_into_base(settings: MethodSettings) -> bool:
+    """Whether the trained model can be saved as one plain model (``tracking.model_format:
+    merged``): peft folds the adapter in, or the method only changed existing weights."""
+    return settings.mergeable or settings.family in ("full", "selective")
+
+
 def settings_owners(field: str) -> list[str]:
     """The methods that have a setting named ``field`` (for 'did you mean' hints)."""
     return [name for name, cls in METHOD_SETTINGS.items() if field in cls.model_fields]

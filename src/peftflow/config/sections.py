@@ -177,6 +177,10 @@ class TrackingConfig(Frozen):
     register_model: bool = True
     promote_metric: str = "test_f1"
     promote_margin: float = Field(0.0, ge=0.0)
+    # How a registered model carries its weights: "adapter" (the trained tensors plus a
+    # pinned reference to the base: small, needs the base where it serves) or "merged"
+    # (one full model: serves anywhere; methods that add modules cannot merge).
+    model_format: Literal["adapter", "merged"] = "adapter"
 
     @model_validator(mode="after")
     def _check(self) -> TrackingConfig:

@@ -81,6 +81,9 @@ class ResolvedModel:
     revision: str | None
     fingerprint: str  # sha256 of weight files (local), "config-<sha>" or "hub:<id>@<revision>"
     package_version: str | None = None
+    # The hub id of the same weights (an alias's hub id, or the hub id itself): where a
+    # saved adapter's base can be found again where the package is not installed.
+    hub_id: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -123,11 +126,49 @@ def resolve_model(name: str, revision: str | None = None) -> ResolvedModel:
             f"model {name!r} is neither a local folder, a known alias "
             f"({', '.join(sorted(MODEL_ASSETS))}) nor a hub id like 'org/name'"
         )
-    _require_online(name, hub_id)
+    if hub_offline():
+        return _resolve_cached_hub(name, hub_id, revision)
     family = asset.family if asset else "decoder"
     return ResolvedModel(
-        name, hub_id, "hub", family, revision, f"hub:{hub_id}@{revision or 'main'}"
+        name, hub_id, "hub", family, revision, f"hub:{hub_id}@{revision or 'main'}", hub_id=hub_id
     )
+
+
+def _resolve_cached_hub(name: str, hub_id: str, revision: str | None) -> ResolvedModel:
+    """Offline, a hub id resolves from the Hugging Face cache, as transformers does, and is
+    then fingerprinted by its files (they are all on this machine)."""
+    folder = cached_hub_snapshot(hub_id, revision)
+    if folder is None:
+        _require_online(name, hub_id)
+    return ResolvedModel(
+        name,
+        str(folder),
+        "hub",
+        _family_of_folder(folder),
+        revision,
+        fingerprint(folder),
+        hub_id=hub_id,
+    )
+
+
+def cached_hub_snapshot(hub_id: str, revision: str | None) -> Path | None:
+    """The snapshot folder of ``hub_id`` at ``revision`` in the Hugging Face cache, or None.
+
+    ``$HF_HUB_CACHE`` (or ``$HF_HOME/hub``) as huggingface_hub reads it; ``revision`` None
+    means the cached ``main``.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        folder = snapshot_download(hub_id, revision=revision, local_files_only=True)
+    except (LocalEntryNotFoundError, ValueError, OSError):
+        return None
+    return Path(folder) if (Path(folder) / "config.json").is_file() else None
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "false", "False", "")
 
 
 def _resolve_package(asset: ModelAsset, revision: str | None) -> ResolvedModel:
@@ -144,6 +185,7 @@ def _resolve_package(asset: ModelAsset, revision: str | None) -> ResolvedModel:
         revision,
         fingerprint(folder),
         package_version=f"{asset.package}=={version}",
+        hub_id=asset.hub_id,
     )
 
 
@@ -155,10 +197,11 @@ def _package_version(package: str) -> str | None:
 
 
 def _require_online(name: str, hub_id: str) -> None:
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "false", "False", ""):
+    if hub_offline():
         raise ConfigError(
-            f"model {name!r} needs the hub ({hub_id}) but HF_HUB_OFFLINE is set. Use an offline "
-            f"alias ({', '.join(a for a, m in MODEL_ASSETS.items() if m.package)}), a local "
+            f"model {name!r} needs the hub ({hub_id}) but HF_HUB_OFFLINE is set and it is not in "
+            f"the Hugging Face cache. Use an offline alias "
+            f"({', '.join(a for a, m in MODEL_ASSETS.items() if m.package)}), a local "
             f"folder, or export HF_HUB_OFFLINE=0 on a machine with internet."
         )
 

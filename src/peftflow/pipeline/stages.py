@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -37,6 +38,12 @@ from peftflow.pipeline.results import (
     SplitResult,
 )
 from peftflow.serving.pyfunc import ENTRY_POINT, PeftflowModel
+from peftflow.serving.runtime import (
+    flavor_info,
+    folder_to_log,
+    runtime_requirements,
+    stage_runtime,
+)
 from peftflow.task.preflight import preflight as check_before_any_work
 from peftflow.task.registry import load_trained, task_for
 from peftflow.task.run import epoch_logger, train_and_evaluate
@@ -375,9 +382,11 @@ def _open_run(tracker, ctx: RunContext, experiment_id, tags, checkpoints) -> str
 def register(ctx: RunContext, state: PipelineState) -> ModelVersionInfo:
     """Log the pyfunc model into the run, check the logged copy, register a new version.
 
-    The check reloads the model from the store and requires the same outputs as the
-    saved folder on the input example and the first test rows: probabilities within
-    float noise, generated text identical.
+    The model is logged in ``tracking.model_format`` (the adapter as trained, or merged
+    into one full model) with the serving runtime as its code, so it serves where
+    peftflow is not installed. The check reloads the model from the store and requires
+    the outputs of the trained folder on the input example and the first test rows:
+    probabilities within float noise, generated text identical.
     """
     task, trained = task_for(ctx.cfg), state.trained
     example = pd.DataFrame({"text": [task.input_example]})
@@ -385,16 +394,22 @@ def register(ctx: RunContext, state: PipelineState) -> ModelVersionInfo:
     frame = pd.DataFrame({"text": [task.input_example, *task.check_texts(test)]})
     served = PeftflowModel.from_loaded(load_trained(Path(trained.model_dir)))
     expected = served.predict(None, frame)
-    return log_and_register_model(
-        trained.run_id,
-        Path(trained.model_dir),
-        ctx.cfg.tracking.model_name,
-        tracking_uri(ctx.cfg, ctx.root),
-        python_model=str(ENTRY_POINT),
-        input_example=example,
-        signature=infer_signature(example, expected.iloc[:1]),
-        check=lambda predict: assert_same_predictions(expected, predict(frame)),
-    )
+    with tempfile.TemporaryDirectory() as scratch:
+        fmt = ctx.cfg.tracking.model_format
+        model_dir = folder_to_log(Path(trained.model_dir), fmt, Path(scratch))
+        return log_and_register_model(
+            trained.run_id,
+            model_dir,
+            ctx.cfg.tracking.model_name,
+            tracking_uri(ctx.cfg, ctx.root),
+            python_model=str(ENTRY_POINT),
+            input_example=example,
+            signature=infer_signature(example, expected.iloc[:1]),
+            pip_requirements=runtime_requirements(),
+            check=lambda predict: assert_same_predictions(expected, predict(frame)),
+            code_paths=[str(stage_runtime(Path(scratch) / "code"))],
+            flavor_info=flavor_info(model_dir),
+        )
 
 
 def promote(ctx: RunContext, state: PipelineState) -> PromotionDecision:

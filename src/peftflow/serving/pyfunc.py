@@ -4,7 +4,11 @@
 DataFrame with a ``text`` column and returns what the model's task serves: for a
 classifier, labels and probabilities; for a generator, the generated text per row.
 
-Depends on: models, task.
+It imports only the serving runtime (:mod:`peftflow.task.inference`), which the logged
+model carries as its ``code_paths`` (:mod:`.runtime`): it serves where peftflow is not
+installed.
+
+Depends on: models, task.inference.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import pandas as pd
 
 from peftflow.errors import DataError
 from peftflow.models.saved import LoadedModel
-from peftflow.task.registry import load_trained, task_for
+from peftflow.task import inference
 
 # The file MLflow logs with every peftflow model and runs on load ("models from code").
 ENTRY_POINT = Path(__file__).with_name("pyfunc_entry.py")
@@ -33,7 +37,7 @@ class PeftflowModel(mlflow.pyfunc.PythonModel):
         return model
 
     def load_context(self, context) -> None:
-        self._loaded = load_trained(context.artifacts["model_dir"])
+        self._loaded = inference.load(context.artifacts["model_dir"])
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         if isinstance(model_input, pd.Series):
@@ -41,4 +45,4 @@ class PeftflowModel(mlflow.pyfunc.PythonModel):
         if "text" not in model_input.columns:
             raise DataError(f"input needs a 'text' column; got columns {list(model_input.columns)}")
         texts = model_input["text"].astype(str).tolist()
-        return task_for(self._loaded.config).predict(self._loaded, texts)
+        return inference.predict(self._loaded, texts)

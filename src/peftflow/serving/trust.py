@@ -2,9 +2,10 @@
 
 ``peftflow predict`` loads a model from a store only when peftflow logged it: its MLmodel
 carries the ``peftflow`` flavor, it loads through MLflow's models-from-code loader, and the
-code stored with it is byte for byte this peftflow's entry point (so the only code that
-runs is code already installed here). Anything else needs ``--trust-model``. A saved model
-folder runs no stored code (safetensors and JSON), so it needs no trust.
+code stored with it is byte for byte this peftflow's entry point and serving runtime (so
+the only code that runs is code already installed here). Anything else needs
+``--trust-model``. A saved model folder runs no stored code (safetensors and JSON), so it
+needs no trust.
 
 Depends on: tracking, serving.pyfunc.
 """
@@ -17,6 +18,7 @@ from mlflow.models import Model
 
 from peftflow.errors import DataError
 from peftflow.serving.pyfunc import ENTRY_POINT
+from peftflow.serving.runtime import PACKAGE_ROOT, RUNTIME_MODULES
 from peftflow.tracking.registration import PEFTFLOW_FLAVOR
 
 CODE_MODEL_LOADER = "mlflow.pyfunc.loaders.code_model"
@@ -31,11 +33,26 @@ def untrusted_reason(folder: Path) -> str | None:
     if PEFTFLOW_FLAVOR not in mlmodel.flavors:
         return f"its MLmodel has no {PEFTFLOW_FLAVOR!r} flavor, so peftflow did not log it"
     pyfunc = mlmodel.flavors.get("python_function", {})
-    if pyfunc.get("loader_module") != CODE_MODEL_LOADER or pyfunc.get("code"):
+    if pyfunc.get("loader_module") != CODE_MODEL_LOADER:
         return "it loads through other code than peftflow's models-from-code entry point"
     stored = Path(folder) / Path(pyfunc.get("model_code_path", "")).name
     if not stored.is_file() or stored.read_bytes() != ENTRY_POINT.read_bytes():
         return f"the code stored with it ({stored.name}) is not this peftflow's {ENTRY_POINT.name}"
+    return _foreign_code(Path(folder) / pyfunc["code"]) if pyfunc.get("code") else None
+
+
+def _foreign_code(code_dir: Path) -> str | None:
+    """Why the code a model carries is not exactly this peftflow's serving runtime, or None."""
+    carried = sorted(
+        str(path.relative_to(code_dir)) for path in code_dir.rglob("*") if path.is_file()
+    )
+    expected = sorted(f"peftflow/{module}" for module in RUNTIME_MODULES)
+    if carried != expected:
+        odd = sorted(set(carried) ^ set(expected))[:3]
+        return f"the code it carries is not peftflow's serving runtime ({', '.join(odd)})"
+    for module in RUNTIME_MODULES:
+        if (code_dir / "peftflow" / module).read_bytes() != (PACKAGE_ROOT / module).read_bytes():
+            return f"the code it carries (peftflow/{module}) differs from this peftflow's"
     return None
 
 

@@ -39,13 +39,12 @@ from peftflow.models.attention import ATTENTION
 from peftflow.models.backbone import load_tokenizer
 from peftflow.models.classifier import (
     SequenceClassifier,
-    build_classifier,
     check_model_knobs,
     resolve_pooling,
 )
-from peftflow.models.methods.registry import base_quantization
 from peftflow.models.saved import LoadedModel
 from peftflow.task.base import TaskKind
+from peftflow.task.inference import classifier_base, classify, predict_logits
 from peftflow.task.run import RELOAD_ATOL, reload
 from peftflow.tracking.runs import RunTracker
 from peftflow.training.batching import pad_batch, padding_width
@@ -108,10 +107,7 @@ class Classification(TaskKind):
         check_model_knobs(model_cfg, family)
 
     def build_base(self, base: ResolvedModel, cfg: ExperimentConfig, tokenizer) -> nn.Module:
-        quantization = base_quantization(cfg.method)
-        model = build_classifier(base, len(cfg.data.labels), cfg.model, cfg.seed, quantization)
-        _pad_like_tokenizer(model.backbone.config, tokenizer)
-        return model
+        return classifier_base(base, cfg, tokenizer)
 
     def architecture(self, base: ResolvedModel, cfg: ExperimentConfig) -> nn.Module:
         from transformers import AutoConfig, AutoModel
@@ -182,36 +178,10 @@ class Classification(TaskKind):
 
     def predict(self, loaded: LoadedModel, texts: Sequence[str]) -> pd.DataFrame:
         """One row per text: predicted ``label``, its ``score`` and one ``p_<label>`` per label."""
-        config = loaded.config
-        encoded = encode(loaded.tokenizer, texts, [0] * len(texts), config.model.max_length)
-        logits = predict_logits(
-            loaded.model,
-            encoded,
-            PREDICT_BATCH_SIZE,
-            loaded.tokenizer.pad_token_id,
-            config.model.padding_side,
-            config.train.precision,
-        )
-        probs = torch.softmax(logits, dim=-1) if len(texts) else torch.empty(0, len(loaded.labels))
-        best = probs.argmax(dim=-1).tolist() if len(texts) else []
-        frame = pd.DataFrame(
-            {
-                "label": [loaded.labels[i] for i in best],
-                "score": [float(probs[row, i]) for row, i in enumerate(best)],
-            }
-        )
-        for column, name in enumerate(loaded.labels):
-            frame[f"p_{name}"] = probs[:, column].tolist() if len(texts) else []
-        return frame
+        return classify(loaded, texts)
 
     def check_texts(self, test_split: pd.DataFrame) -> list[str]:
         return test_split["text"].astype(str).head(self.logged_check_rows).tolist()
-
-
-def _pad_like_tokenizer(model_config, tokenizer) -> None:
-    """Keep the model's pad id consistent with the tokenizer (decoders pad with eos)."""
-    if tokenizer is not None and getattr(model_config, "pad_token_id", None) is None:
-        model_config.pad_token_id = tokenizer.pad_token_id
 
 
 def _observed_lengths(report: CheckReport) -> dict:
@@ -287,38 +257,6 @@ def classification_objective(
         validate=validate,
         best_metric="val_f1",
     )
-
-
-@torch.inference_mode()
-def predict_logits(
-    model: nn.Module,
-    data: EncodedSplit,
-    batch_size: int,
-    pad_id: int,
-    side: str,
-    precision: str = "auto",
-) -> torch.Tensor:
-    """Logits [N, C] in input order; batches are length-sorted to minimise padding.
-
-    Every ``model.padding`` strategy is evaluated with batches padded to their own
-    longest: pads are masked, decoders count positions over real tokens
-    (``mask_positions``) and encoders pad on the right (left is refused), so a
-    text's logits do not depend on the padding around it and a wider pad would
-    only cost compute. tests/test_knobs.py checks this invariance.
-    """
-    model.eval()
-    device = next(model.parameters()).device
-    order = sorted(range(len(data)), key=lambda i: len(data.input_ids[i]))
-    chunks = []
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        ids, mask = pad_batch([data.input_ids[i] for i in idx], pad_id, side)
-        with autocast(device, precision):
-            chunks.append(model(ids.to(device), mask.to(device)).float().cpu())
-    logits = torch.cat(chunks) if chunks else torch.empty(0)
-    restored = torch.empty_like(logits)
-    restored[torch.tensor(order, dtype=torch.long)] = logits
-    return restored
 
 
 def evaluate_split(

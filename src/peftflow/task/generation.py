@@ -36,13 +36,12 @@ from peftflow.data.prompting import (
     prompt_format,
 )
 from peftflow.data.subjects import generation_examples
-from peftflow.errors import ConfigError, RegistryError
+from peftflow.errors import RegistryError
 from peftflow.evaluation.text_metrics import bleu_signature, generation_metrics, samples_table
 from peftflow.models.assets import ResolvedModel, resolve_model
 from peftflow.models.attention import ATTENTION
 from peftflow.models.backbone import load_tokenizer
-from peftflow.models.causal_lm import build_causal_lm, check_generation_knobs
-from peftflow.models.methods.registry import base_quantization, padding_problem
+from peftflow.models.causal_lm import check_generation_knobs
 from peftflow.models.saved import LoadedModel
 from peftflow.task.base import TaskKind
 from peftflow.task.generation_decoding import generate_texts
@@ -53,6 +52,7 @@ from peftflow.task.generation_loss import (
     perplexity,
     response_logits,
 )
+from peftflow.task.inference import causal_lm_base, generate, refuse_padding_problem
 from peftflow.task.run import RELOAD_ATOL, build_untouched, log_base_reference, reload
 from peftflow.tracking.runs import RunTracker
 from peftflow.training.objective import Objective
@@ -112,7 +112,7 @@ class Generation(TaskKind):
         resolved = resolve_model(cfg.model.name, cfg.model.revision)
         model_config = AutoConfig.from_pretrained(resolved.location, revision=resolved.revision)
         self.check_knobs(cfg.model, resolved.family)  # refuse before any training work
-        _refuse_padding_problem(cfg, model_config.model_type)
+        refuse_padding_problem(cfg, model_config.model_type)
         tokenizer = load_tokenizer(resolved, cfg.model.padding_side)
         fmt, encoded = encode_splits(cfg, tokenizer, splits)
         report = validate_generation_tokenisation(
@@ -132,11 +132,7 @@ class Generation(TaskKind):
         check_generation_knobs(model_cfg, family)
 
     def build_base(self, base: ResolvedModel, cfg: ExperimentConfig, tokenizer) -> nn.Module:
-        model = build_causal_lm(base, cfg.model, cfg.seed, base_quantization(cfg.method))
-        _refuse_padding_problem(cfg, model.config.model_type)
-        if tokenizer is not None and getattr(model.config, "pad_token_id", None) is None:
-            model.config.pad_token_id = tokenizer.pad_token_id  # decoders pad with eos
-        return model
+        return causal_lm_base(base, cfg, tokenizer)
 
     def architecture(self, base: ResolvedModel, cfg: ExperimentConfig) -> nn.Module:
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -226,28 +222,10 @@ class Generation(TaskKind):
 
     def predict(self, loaded: LoadedModel, texts: Sequence[str]) -> pd.DataFrame:
         """One row per input text: the ``generated`` response (the run's prompt and decoding)."""
-        config = loaded.config
-        fmt = prompt_format(loaded.tokenizer, config.generation, config.model.max_length)
-        data = encode_generation(loaded.tokenizer, fmt, list(texts))
-        generated = generate_texts(
-            loaded.model,
-            loaded.tokenizer,
-            data,
-            config.generation,
-            precision=config.train.precision,
-            seed=config.seed,
-        )
-        return pd.DataFrame({"generated": generated})
+        return generate(loaded, texts)
 
     def check_texts(self, test_split: pd.DataFrame) -> list[str]:
         return test_split["prompt"].astype(str).head(self.logged_check_rows).tolist()
-
-
-def _refuse_padding_problem(cfg: ExperimentConfig, model_type: str) -> None:
-    """Batched generation left-pads prompts: refuse methods whose outputs would then shift."""
-    problem = padding_problem(cfg.method.name, model_type, cfg.model.padding_side)
-    if problem:
-        raise ConfigError(f"method {cfg.method.name!r} {problem}")
 
 
 def encode_splits(

@@ -79,13 +79,18 @@ class ModelVersionInfo:
 
 
 def default_pip_requirements() -> list[str]:
-    """Exact pins of the installed runtime packages, without local labels like ``+cpu``.
+    """Exact pins of the installed :data:`PINNED_PACKAGES` (see :func:`exact_pins`)."""
+    return exact_pins(PINNED_PACKAGES)
+
+
+def exact_pins(packages: tuple[str, ...]) -> list[str]:
+    """Exact pins of the installed ``packages``, without local labels like ``+cpu``.
 
     ``torch==2.13.0`` still matches ``2.13.0+cpu`` (PEP 440 ignores the local
     label), so the same requirements install on CPU and GPU machines.
     """
     pins = []
-    for package in PINNED_PACKAGES:
+    for package in packages:
         try:
             pins.append(f"{package}=={metadata.version(package).split('+')[0]}")
         except metadata.PackageNotFoundError:
@@ -103,6 +108,8 @@ def log_and_register_model(
     signature: Any = None,
     pip_requirements: list[str] | None = None,
     check: Callable[[Callable[[pd.DataFrame], Any]], None] | None = None,
+    code_paths: list[str] | None = None,
+    flavor_info: dict[str, Any] | None = None,
 ) -> ModelVersionInfo:
     """Log ``python_model`` (with ``model_dir`` as its artifact) as run ``run_id``'s LoggedModel;
     register it.
@@ -114,7 +121,9 @@ def log_and_register_model(
 
     ``check`` receives the ``predict`` of the model reloaded from the store (what a
     server would serve) and raises :class:`RegistryError` when its outputs are wrong;
-    a model that fails it is tagged and never registered.
+    a model that fails it is tagged and never registered. ``code_paths``: the code the
+    model carries (MLflow puts it on ``sys.path`` at load); ``flavor_info``: what the
+    ``peftflow`` flavor of its MLmodel records besides the peftflow version.
     """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
@@ -137,8 +146,9 @@ def log_and_register_model(
             "input_example": input_example,
             "signature": signature,
             "pip_requirements": pip_requirements or default_pip_requirements(),
+            "code_paths": code_paths,
         }
-        _upload_model(client, logged, run_id, saved_as)
+        _upload_model(client, logged, run_id, saved_as, flavor_info or {})
         client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
         _link_final_metrics(client, run_id, logged.model_id)
         if check is not None:
@@ -154,7 +164,9 @@ def log_and_register_model(
     return register_version(client, model_name, logged.artifact_location, run_id, logged.model_id)
 
 
-def _upload_model(client: MlflowClient, logged: Any, run_id: str, saved_as: dict) -> None:
+def _upload_model(
+    client: MlflowClient, logged: Any, run_id: str, saved_as: dict, flavor_info: dict
+) -> None:
     """Save the pyfunc (``saved_as``: save_model's arguments) marked as peftflow's, and upload
     it as LoggedModel ``logged``'s artifacts."""
     mlflow_model = Model(
@@ -163,7 +175,7 @@ def _upload_model(client: MlflowClient, logged: Any, run_id: str, saved_as: dict
         run_id=run_id,
         model_id=logged.model_id,
     )
-    mlflow_model.add_flavor(PEFTFLOW_FLAVOR, peftflow_version=peftflow.__version__)
+    mlflow_model.add_flavor(PEFTFLOW_FLAVOR, peftflow_version=peftflow.__version__, **flavor_info)
     with tempfile.TemporaryDirectory() as scratch:
         saved = Path(scratch) / MODEL_ARTIFACT_PATH
         mlflow.pyfunc.save_model(saved, mlflow_model=mlflow_model, **saved_as)

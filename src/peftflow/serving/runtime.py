@@ -1,0 +1,124 @@
+"""The serving runtime a logged model carries: peftflow's inference modules, nothing else.
+
+MLflow copies a model's ``code_paths`` into the model and puts them on ``sys.path`` when it
+loads it, so a model logged with this copy of peftflow's inference code serves where
+peftflow is not installed (``mlflow models serve --env-manager local`` in a virtualenv made
+from the model's own requirements). The copy holds only the modules that serving imports,
+listed here, and the requirements name only the packages they import:
+tests/serving/test_runtime.py fails when either list falls out of step with the code.
+
+It is used when a model is logged, never by the model itself.
+
+Depends on: models, tracking, task.inference.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from peftflow.models.saved import MERGED, META_FILE, merge_model_dir, model_format
+from peftflow.task.inference import BASE_BUILDERS
+from peftflow.tracking.registration import exact_pins
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # src/peftflow
+
+# Every peftflow module ``peftflow.serving.pyfunc_entry`` imports, as paths in the package.
+RUNTIME_MODULES = (
+    "__init__.py",
+    "env.py",
+    "errors.py",
+    "fsutil.py",
+    "config/__init__.py",
+    "config/experiment.py",
+    "config/loading.py",
+    "config/methods.py",
+    "config/sections.py",
+    "data/__init__.py",
+    "data/encoding.py",
+    "data/prompting.py",
+    "models/__init__.py",
+    "models/assets.py",
+    "models/attention.py",
+    "models/backbone.py",
+    "models/causal_lm.py",
+    "models/classifier.py",
+    "models/saved.py",
+    "models/methods/__init__.py",
+    "models/methods/adapters.py",
+    "models/methods/peft_based.py",
+    "models/methods/registry.py",
+    "models/methods/selective.py",
+    "serving/__init__.py",
+    "serving/pyfunc.py",
+    "serving/pyfunc_entry.py",
+    "task/__init__.py",
+    "task/generation_decoding.py",
+    "task/inference.py",
+    "training/__init__.py",
+    "training/batching.py",
+    "training/precision.py",
+)
+
+# The distributions those modules import (besides the standard library), pinned exactly
+# in the model's requirements so MLflow does not infer them (inference imports the model).
+RUNTIME_PACKAGES = (
+    "torch",
+    "transformers",
+    "tokenizers",
+    "huggingface_hub",
+    "safetensors",
+    "peft",
+    "numpy",
+    "pandas",
+    "pydantic",
+    "pyyaml",
+    "cloudpickle",
+)
+
+
+def stage_runtime(target: Path) -> Path:
+    """Copy the runtime modules to ``target/peftflow`` (the folder to pass as ``code_paths``)."""
+    package = Path(target) / "peftflow"
+    for relative in RUNTIME_MODULES:
+        destination = package / relative
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(PACKAGE_ROOT / relative, destination)
+    return package
+
+
+def runtime_requirements() -> list[str]:
+    """Exact pins of the runtime packages as installed (``+cpu`` labels dropped)."""
+    return exact_pins(RUNTIME_PACKAGES)
+
+
+def folder_to_log(model_dir: Path, fmt: str, scratch: Path) -> Path:
+    """The model folder in format ``fmt``: ``model_dir`` itself (an adapter, as trained) or
+    its merged copy written under ``scratch``."""
+    if fmt == MERGED and model_format(model_dir) != MERGED:
+        task = json.loads((Path(model_dir) / META_FILE).read_text())["task"]
+        return merge_model_dir(model_dir, Path(scratch) / "merged", BASE_BUILDERS[task])
+    return Path(model_dir)
+
+
+def flavor_info(model_dir: Path) -> dict:
+    """What the model's ``peftflow`` flavor records: its format, task and method, and its
+    base (MLflow's PEFT convention: ``source_model_name`` and ``source_model_revision``, plus
+    the package and the weight fingerprint an adapter is checked against when it loads)."""
+    meta = json.loads((Path(model_dir) / META_FILE).read_text())
+    base = meta["base"]
+    return {
+        "model_format": meta.get("format", "adapter"),
+        "task": meta["task"],
+        "method": meta["config"]["method"]["name"],
+        "source_model_name": base.get("hub_id") or base["name"],
+        "source_model_revision": base.get("revision"),
+        "source_model_package": base.get("package_version"),
+        "source_model_fingerprint": base["fingerprint"],
+        "artifact_bytes": folder_bytes(Path(model_dir)),
+    }
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in Path(folder).rglob("*") if path.is_file())
