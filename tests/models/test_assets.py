@@ -61,8 +61,9 @@ def test_saved_model_refuses_a_changed_base(tiny_models, tmp_path):
     from tests.conftest import build_tiny_model_dir
 
     build_tiny_model_dir("bert", base_dir, seed=1)  # different base weights, same path
-    with pytest.raises(RegistryError, match="changed since this model was trained"):
+    with pytest.raises(RegistryError, match="would load onto the wrong weights") as refused:
         load_trained(saved)
+    assert "tracking.model_format: merged" in str(refused.value)
 
 
 @pytest.mark.slow

@@ -206,8 +206,16 @@ def test_predict_loads_only_models_peftflow_logged_unless_trusted(
 
     # Tampered with after logging: the stored entry point is no longer peftflow's.
     entry = ours / ENTRY_POINT.name
-    entry.write_text(entry.read_text() + "\nimport os  # anything at all\n")
+    original = entry.read_text()
+    entry.write_text(original + "\nimport os  # anything at all\n")
     assert "is not this peftflow's pyfunc_entry.py" in untrusted_reason(ours)
+    entry.write_text(original)
+    # The runtime it carries was changed, or something was added next to it.
+    carried = ours / "code" / "peftflow" / "models" / "saved.py"
+    carried.write_text(carried.read_text() + "\nimport os\n")
+    assert "peftflow/models/saved.py) differs" in untrusted_reason(ours)
+    carried.unlink()
+    assert "not peftflow's serving runtime (peftflow/models/saved.py)" in untrusted_reason(ours)
 
     # Logged by someone else, registered in the same store.
     with mlflow.start_run() as run:
