@@ -96,3 +96,12 @@ def test_an_adapter_finds_its_base_by_hub_id_in_the_cache_only_if_the_weights_ma
     shutil.rmtree(cache)
     with pytest.raises(RegistryError, match="not available here"):
         inference.load(adapter)
+
+
+def test_the_model_format_is_not_part_of_the_run_key(tiny_models):
+    """How a trained model is logged never changes what was trained: a cached run serves both."""
+    raw = {"name": "fmt", "model": {"name": str(tiny_models["bert"])}}
+    adapter = parse_config({**raw, "tracking": {"model_format": "adapter"}})
+    merged = parse_config({**raw, "tracking": {"model_format": "merged"}})
+    other = parse_config({**raw, "seed": 7})
+    assert adapter.run_key("md5") == merged.run_key("md5") != other.run_key("md5")
