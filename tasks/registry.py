@@ -6,6 +6,7 @@ from dataclasses import asdict
 
 from prefect import task
 
+from peftflow.pipeline.gate import promote_with_evidence
 from peftflow.tracking import promotion
 
 
@@ -14,7 +15,7 @@ def promote_version(
     name: str, version: str, tracking_uri: str, metric: str | None, margin: float
 ) -> dict:
     """The same gate as `peftflow promote`, for versions registered earlier."""
-    return asdict(promotion.promote(name, version, tracking_uri, metric, margin))
+    return asdict(promote_with_evidence(name, version, tracking_uri, metric, margin))
 
 
 @task(name="rollback-champion")

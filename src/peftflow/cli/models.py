@@ -1,7 +1,7 @@
 """Commands about registered models: predict with one, promote one through the gate, roll
 back the champion.
 
-Depends on: tracking, serving.
+Depends on: config, tracking, serving, pipeline.
 """
 
 from __future__ import annotations
@@ -56,14 +56,30 @@ def promote(
     version: str = typer.Option(..., "--version", "-v", help="The candidate version."),
     metric: str | None = typer.Option(None, help="Test metric (default: by task, F1 or BLEU)."),
     margin: float = typer.Option(0.0, min=0.0, help="How much the champion must be beaten by."),
+    confidence: float = typer.Option(
+        0.95, min=0.5, max=0.999, help="Level of the improvement's paired bootstrap interval."
+    ),
+    min_test_examples: int = typer.Option(
+        30, min=2, help="A candidate scored on fewer test examples cannot promote."
+    ),
     root: Path = typer.Option(Path("."), help=STORE_ROOT_HELP),
 ) -> None:
-    """Move alias champion to VERSION only through the gate; exit 1 when the gate refuses."""
-    from peftflow.tracking.promotion import promote as gated_promotion  # deferred: mlflow
+    """Move alias champion to VERSION only through the gate; exit 1 when the gate refuses.
+
+    The gate compares the candidate with the champion on the same test examples (the
+    champion re-scored when their data differ): the lower bound of the improvement's
+    interval must clear the margin.
+    """
+    from peftflow.config import TrackingConfig  # deferred: only this command reads it
+    from peftflow.pipeline.gate import promote_with_evidence  # deferred: mlflow, torch
     from peftflow.tracking.runs import resolve_tracking_uri  # deferred: mlflow
 
     try:
-        decision = gated_promotion(model, version, resolve_tracking_uri(None, root), metric, margin)
+        settings = TrackingConfig(
+            promote_confidence=confidence, promote_min_test_examples=min_test_examples
+        )
+        uri = resolve_tracking_uri(None, root)
+        decision = promote_with_evidence(model, version, uri, metric, margin, settings)
     except PeftflowError as err:
         fail(err)
     verdict = "promoted to champion" if decision.promoted else "NOT promoted"

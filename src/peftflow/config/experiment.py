@@ -149,7 +149,13 @@ TASK_METRICS: dict[str, str] = {task: default_promote_metric(task) for task in T
 # keeps the key of the one-process run it equals up to float summation order.
 RUN_KEY_EXCLUDED: dict[str, set[str]] = {
     "train": {"checkpoint_every_steps", "devices"},
-    "tracking": {"model_format"},  # how the trained model is logged, not what it is
+    # How the trained model is logged and judged, never what it is.
+    "tracking": {
+        "model_format",
+        "promote_confidence",
+        "promote_resamples",
+        "promote_min_test_examples",
+    },
 }
 # Fields added after runs were keyed that can change a result: hashed only when set away
 # from their default, so every config written before them keeps its key.

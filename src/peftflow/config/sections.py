@@ -177,6 +177,13 @@ class TrackingConfig(Frozen):
     register_model: bool = True
     promote_metric: str = "test_f1"
     promote_margin: float = Field(0.0, ge=0.0)
+    # The gate compares candidate and champion on the same test examples: it promotes only
+    # when the lower bound of the paired bootstrap interval of the improvement (at this
+    # confidence, from this many resamples) clears the margin, and never on a test split
+    # of fewer examples than the minimum.
+    promote_confidence: float = Field(0.95, gt=0.5, lt=1.0)
+    promote_resamples: int = Field(1000, ge=100, le=100_000)
+    promote_min_test_examples: int = Field(30, ge=2)
     # How a registered model carries its weights: "adapter" (the trained tensors plus a
     # pinned reference to the base: small, needs the base where it serves) or "merged"
     # (one full model: serves anywhere; methods that add modules cannot merge).

@@ -10,9 +10,10 @@ Depends on: nothing in peftflow.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pandas as pd
 from sacrebleu import sentence_bleu
@@ -116,16 +117,46 @@ def generation_metrics(
     values = {
         "bleu": _bleu().corpus_score(predictions, [references]).score,
         "chrf": CHRF().corpus_score(predictions, [references]).score,
-        "rouge1": 100 * _mean([rouge_n(p, r, 1) for p, r in pairs]),
-        "rouge2": 100 * _mean([rouge_n(p, r, 2) for p, r in pairs]),
-        "rougeL": 100 * _mean([rouge_l(p, r) for p, r in pairs]),
-        "exact_match": 100 * _mean([exact_match(p, r) for p, r in pairs]),
+        **{
+            key: 100 * _mean([score(p, r) for p, r in pairs])
+            for key, score in PER_EXAMPLE_SCORES.items()
+        },
         "pred_words": _mean([len(p.split()) for p in predictions]),
         "ref_words": _mean([len(r.split()) for r in references]),
         "empty_predictions": 100 * _mean([not p.strip() for p in predictions]),
         "n_examples": len(pairs),
     }
     return {f"{prefix}{key}": float(value) for key, value in values.items()}
+
+
+# The per-example scores whose mean (x 100) ``generation_metrics`` logs.
+PER_EXAMPLE_SCORES: dict[str, Callable[[str, str], float]] = {
+    "rouge1": lambda prediction, reference: rouge_n(prediction, reference, 1),
+    "rouge2": lambda prediction, reference: rouge_n(prediction, reference, 2),
+    "rougeL": rouge_l,
+    "exact_match": lambda prediction, reference: float(exact_match(prediction, reference)),
+}
+
+
+def corpus_metric(key: str) -> Callable[[Sequence[str], Sequence[str]], float] | None:
+    """``(references, predictions) -> value`` of corpus metric ``key`` (bleu, chrf) as
+    ``generation_metrics`` computes it; None for another key."""
+    scorers = {"bleu": _bleu, "chrf": CHRF}
+    if key not in scorers:
+        return None
+    scorer = scorers[key]()
+    return lambda refs, preds: scorer.corpus_score(list(preds), [list(refs)]).score
+
+
+def per_example_metric(key: str) -> Callable[[Sequence[str], Sequence[str]], float] | None:
+    """``(references, predictions) -> value`` of a mean-of-examples metric (rouge*,
+    exact_match), each pair scored once however often a resample repeats it; None for
+    another key."""
+    score = PER_EXAMPLE_SCORES.get(key)
+    if score is None:
+        return None
+    cached = functools.lru_cache(maxsize=None)(score)
+    return lambda refs, preds: 100 * _mean([cached(p, r) for p, r in zip(preds, refs, strict=True)])
 
 
 def _shorten(text: str, max_chars: int) -> str:

@@ -4,5 +4,5 @@ running it: data-parallel training (:mod:`.launch`), studies (:mod:`.study`), th
 scheduled refresh (:mod:`.refresh`) and reproductions (:mod:`.reproduce`). Nothing is
 imported here.
 
-Depends on: config, data, models, training, tracking, task, serving.
+Depends on: config, data, models, training, evaluation, tracking, task, serving.
 """

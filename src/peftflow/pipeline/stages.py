@@ -30,6 +30,7 @@ from peftflow.data.ingest import ingest as ingest_data
 from peftflow.data.split import SPLITS
 from peftflow.errors import DataError
 from peftflow.models.facts import ModelFacts
+from peftflow.pipeline.gate import evidence_for
 from peftflow.pipeline.results import (
     CheckOutcome,
     Ingested,
@@ -413,12 +414,20 @@ def register(ctx: RunContext, state: PipelineState) -> ModelVersionInfo:
 
 
 def promote(ctx: RunContext, state: PipelineState) -> PromotionDecision:
-    """Move alias ``champion`` only when the gate passes; the decision is recorded either way."""
+    """Move alias ``champion`` only when the gate passes; the decision is recorded either way.
+
+    The gate judges the candidate against the champion on the same test examples
+    (:mod:`peftflow.pipeline.gate`).
+    """
+    settings, uri = ctx.cfg.tracking, tracking_uri(ctx.cfg, ctx.root)
+    name, version = state.registered.name, state.registered.version
     return promote_if_better(
-        state.registered.name,
-        state.registered.version,
-        tracking_uri(ctx.cfg, ctx.root),
-        metric=ctx.cfg.tracking.promote_metric,
-        margin=ctx.cfg.tracking.promote_margin,
+        name,
+        version,
+        uri,
+        metric=settings.promote_metric,
+        margin=settings.promote_margin,
         require_tags=GATE_TAGS,
+        evidence_for=evidence_for(name, version, uri, settings.promote_metric, settings),
+        min_test_examples=settings.promote_min_test_examples,
     )

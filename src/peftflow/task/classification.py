@@ -33,6 +33,8 @@ from peftflow.evaluation.classification_metrics import (
     confusion,
     plot_confusion,
 )
+from peftflow.evaluation.test_outputs import ARTIFACT_DIR as TEST_OUTPUTS_DIR
+from peftflow.evaluation.test_outputs import ExampleOutputs
 from peftflow.evaluation.tfidf_baseline import train_tfidf_baseline
 from peftflow.models.assets import ResolvedModel, resolve_model
 from peftflow.models.attention import ATTENTION
@@ -63,6 +65,7 @@ class ClassificationData:
     encoded: dict[str, EncodedSplit]
     pad_id: int
     objective: Objective
+    test: pd.DataFrame | None = None  # ids and texts of the test rows, in encoded order
 
 
 class Classification(TaskKind):
@@ -127,7 +130,7 @@ class Classification(TaskKind):
         encoded = encode_splits(cfg, tokenizer, splits)
         pad_id = tokenizer.pad_token_id
         objective = classification_objective(encoded["train"], encoded["val"], cfg, pad_id)
-        return ClassificationData(encoded, pad_id, objective)
+        return ClassificationData(encoded, pad_id, objective, splits.get("test"))
 
     def final_metrics(self, model, tokenizer, data, cfg, tracker, out_dir, baseline=None):
         """Val + test metrics of the final (best-epoch) weights, and their confusion matrices."""
@@ -138,6 +141,8 @@ class Classification(TaskKind):
             )
             metrics.update(values)
             _log_confusion(tracker, cfg, split, data.encoded[split].labels, predictions, out_dir)
+            if split == "test" and data.test is not None:
+                _log_test_outputs(tracker, cfg, data.test, predictions, out_dir)
         return metrics
 
     def verify_reload(self, model, data, model_dir: Path, cfg: ExperimentConfig) -> None:
@@ -187,6 +192,21 @@ class Classification(TaskKind):
 def _observed_lengths(report: CheckReport) -> dict:
     """The truncation expectation already measured every length: reuse its stats."""
     return next(r.observed for r in report.results if "token_lengths" in (r.observed or {}))
+
+
+def _log_test_outputs(tracker, cfg, test: pd.DataFrame, predictions, out_dir: Path) -> None:
+    """Every test example's label and prediction (label names): the gate's paired evidence."""
+    labels = list(cfg.data.labels)
+    outputs = ExampleOutputs(
+        "classification",
+        ids=test["id"].astype(str).tolist(),
+        inputs=test["text"].astype(str).tolist(),
+        references=test["label"].astype(str).tolist(),
+        predictions=[labels[i] for i in predictions],
+        labels=labels,
+        positive_label=cfg.data.positive_label,
+    )
+    tracker.log_artifact(outputs.write(out_dir / "test_outputs"), TEST_OUTPUTS_DIR)
 
 
 def _log_confusion(tracker, cfg, split: str, labels: list[int], predictions, out_dir: Path) -> None:

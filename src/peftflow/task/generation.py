@@ -37,6 +37,8 @@ from peftflow.data.prompting import (
 )
 from peftflow.data.subjects import generation_examples
 from peftflow.errors import RegistryError
+from peftflow.evaluation.test_outputs import ARTIFACT_DIR as TEST_OUTPUTS_DIR
+from peftflow.evaluation.test_outputs import ExampleOutputs
 from peftflow.evaluation.text_metrics import bleu_signature, generation_metrics, samples_table
 from peftflow.models.assets import ResolvedModel, resolve_model
 from peftflow.models.attention import ATTENTION
@@ -159,6 +161,15 @@ class Generation(TaskKind):
         zero_shot = saved_predictions(getattr(baseline, "predictions_path", None), frames)
         log_scoring(tracker, cfg, data.fmt, tokenizer, data.encoded, frames, predictions, zero_shot)
         tracker.log_artifact(write_predictions(frames, predictions, out_dir), "predictions")
+        test = frames["test"]
+        outputs = ExampleOutputs(
+            "generation",
+            ids=test["id"].astype(str).tolist(),
+            inputs=test["prompt"].astype(str).tolist(),
+            references=test["response"].astype(str).tolist(),
+            predictions=predictions["test"],
+        )
+        tracker.log_artifact(outputs.write(out_dir / "test_outputs"), TEST_OUTPUTS_DIR)
         return metrics
 
     def verify_reload(self, model, data, model_dir: Path, cfg: ExperimentConfig) -> None:

@@ -2,5 +2,5 @@
 (:mod:`.registration`), gated promotion with aliases (:mod:`.promotion`) under a
 registry lock (:mod:`.locks`). Nothing is imported here.
 
-Depends on: config.
+Depends on: config, evaluation.
 """
