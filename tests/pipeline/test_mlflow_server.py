@@ -147,7 +147,8 @@ def test_two_variants_gate_refusal_rollback_and_predict_on_a_server(
     assert "NOT promoted" in refused.output
     v1_tags = client.get_model_version(MODEL, "1").tags
     assert v1_tags[DECISION_TAG] == "refused"
-    assert "not better" in v1_tags[REASON_TAG] and "champion v2" in v1_tags[REASON_TAG]
+    assert "not shown better" in v1_tags[REASON_TAG] and "champion v2" in v1_tags[REASON_TAG]
+    assert "paired bootstrap over" in v1_tags[REASON_TAG]
     description = client.get_registered_model(MODEL).description
     assert f"v1 refused: {v1_tags[REASON_TAG]}" in description
     assert aliases(client) == {"champion": "2", "previous": "1"}

@@ -155,10 +155,14 @@ def _judge(
 
 
 def _judge_evidence(
-    evidence: GateEvidence, champion_version: str | None, metric: str, margin: float, minimum: int
+    evidence: GateEvidence,
+    candidate_metric: float,
+    champion_version: str | None,
+    policy: GatePolicy,
 ) -> tuple[bool, str]:
     """(promote?, why) from per-example evidence: enough examples, and the interval's lower
     bound above the margin."""
+    metric, margin, minimum = policy.metric, policy.margin, policy.min_test_examples
     if evidence.test_examples < minimum:
         return False, (
             f"the test split has {evidence.test_examples} examples, fewer than "
@@ -167,7 +171,10 @@ def _judge_evidence(
         )
     interval = evidence.interval
     if champion_version is None or interval is None:
-        return True, f"no champion yet; {evidence.test_examples} test examples"
+        return True, (
+            f"no champion yet; candidate {metric}={candidate_metric:.4f} "
+            f"on {evidence.test_examples} test examples"
+        )
     comparison = (
         f"candidate {metric}={interval.candidate:.4f} vs champion v{champion_version} "
         f"{interval.champion:.4f} on the same examples ({evidence.champion_scored}): "
@@ -264,9 +271,7 @@ def _gate(
     elif missing:
         promoted, reason = False, f"candidate run fails required tags: {', '.join(missing)}"
     elif found is not None:
-        promoted, reason = _judge_evidence(
-            found, champion_version, metric, policy.margin, policy.min_test_examples
-        )
+        promoted, reason = _judge_evidence(found, candidate_metric, champion_version, policy)
     else:
         promoted, reason = _judge(
             candidate_metric, champion_version, champion_metric, metric, policy.margin
