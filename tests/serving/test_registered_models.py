@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import mlflow
@@ -96,7 +97,11 @@ def test_registered_lora_classifier_serves_the_logits_it_had_before_logging(
     run_id = logged_run(cfg, tmp_path)
     version = register_stage(cfg, run_id, str(model_dir), tmp_path, check_split(tmp_path, "text"))
 
+    path_before = list(sys.path)
     served = load_predictor(f"models:/tiny-classification/{version.version}", tracking_uri)
+    # The model's copy of the runtime is not left on sys.path, where it would shadow the
+    # installed peftflow in processes spawned later.
+    assert sys.path == path_before
     after = served(pd.DataFrame({"text": TEXTS}))
     for column, label in enumerate(cfg.data.labels):
         assert after[f"p_{label}"].tolist() == pytest.approx(before[:, column].tolist(), abs=1e-6)

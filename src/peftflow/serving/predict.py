@@ -18,7 +18,11 @@ from peftflow.errors import DataError
 from peftflow.serving.pyfunc import PeftflowModel
 from peftflow.serving.trust import require_trusted
 from peftflow.task.registry import load_trained
-from peftflow.tracking.registration import NOT_FOUND_CODES, download_logged_model
+from peftflow.tracking.registration import (
+    NOT_FOUND_CODES,
+    download_logged_model,
+    load_pyfunc_in_process,
+)
 from peftflow.tracking.runs import check_tracking_server
 
 # --- files ------------------------------------------------------------------------------------
@@ -131,15 +135,13 @@ def load_predictor(
         )
     import tempfile
 
-    import mlflow
-
     # The downloaded copy lives as long as the predictor (removed when it is garbage
     # collected or at exit), never left behind in the temp folder.
     scratch = tempfile.TemporaryDirectory(prefix="peftflow-model-")
     try:
         folder = download_model(model, tracking_uri, scratch.name)
         require_trusted(folder, model, trust_model)
-        served = mlflow.pyfunc.load_model(str(folder))
+        served = load_pyfunc_in_process(folder)
     except BaseException:
         scratch.cleanup()
         raise

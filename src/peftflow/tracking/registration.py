@@ -14,6 +14,7 @@ Depends on: nothing in peftflow beyond errors, retry and its version.
 from __future__ import annotations
 
 import contextlib
+import sys
 import tempfile
 import uuid
 from collections.abc import Callable
@@ -276,7 +277,7 @@ def _check_logged_model(
     """Download the uploaded model, load it as MLflow serves it, let ``check`` judge its outputs."""
     with tempfile.TemporaryDirectory() as scratch:
         local = download_logged_model(client.tracking_uri, logged.model_id, scratch)
-        served = mlflow.pyfunc.load_model(str(local))
+        served = load_pyfunc_in_process(local)
         try:
             check(served.predict)
         except RegistryError as error:
@@ -286,6 +287,22 @@ def _check_logged_model(
                 f"logging, so it was not registered: {error}"
             ) from None
     client.set_tag(run_id, LOGGED_CHECK_TAG, "passed")
+
+
+def load_pyfunc_in_process(folder: str | Path) -> Any:
+    """``mlflow.pyfunc.load_model`` of a downloaded model, leaving ``sys.path`` as it was.
+
+    MLflow prepends a model's ``code_paths`` folder to ``sys.path``. Here peftflow is
+    already imported, so the model's copy of the serving runtime is never used in this
+    process, and left on ``sys.path`` it would shadow the installed peftflow in every
+    interpreter started later (multiprocessing's spawn hands ``sys.path`` on): a partial
+    ``peftflow`` without its training or reporting modules.
+    """
+    saved = list(sys.path)
+    try:
+        return mlflow.pyfunc.load_model(str(folder))
+    finally:
+        sys.path[:] = saved
 
 
 def assert_same_predictions(
