@@ -105,3 +105,42 @@ def test_the_model_format_is_not_part_of_the_run_key(tiny_models):
     merged = parse_config({**raw, "tracking": {"model_format": "merged"}})
     other = parse_config({**raw, "seed": 7})
     assert adapter.run_key("md5") == merged.run_key("md5") != other.run_key("md5")
+
+
+def test_online_an_adapter_downloads_its_base_by_hub_id_and_checks_its_files(
+    tiny_models, tmp_path, monkeypatch
+):
+    """The recorded source is gone; online, the hub id's files are fetched (a stand-in for
+    huggingface_hub's download here: no network) and must match the recorded fingerprint."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    in_hub_cache(cache, "org/tiny", tiny_models["llama"])
+    cfg = tiny_config("org/tiny", "lora")
+    model, tokenizer, base = trained_like(cfg)
+    adapter = save_trained(model, tokenizer, cfg, base, tmp_path / "a")
+    expected = inference.predict(inference.load(adapter), TEXTS)
+    shutil.rmtree(cache)
+
+    on_the_hub = {"weights": tiny_models["llama"]}
+    fetched = []
+
+    def snapshot_download(repo_id, revision=None, local_files_only=False, **kwargs):
+        if local_files_only and not (cache / "fetched").exists():
+            raise LocalEntryNotFoundError("not in the cache")
+        fetched.append((repo_id, kwargs.get("allow_patterns")))
+        target = cache / "fetched"
+        shutil.rmtree(target, ignore_errors=True)
+        return str(shutil.copytree(on_the_hub["weights"], target))
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    assert inference.predict(inference.load(adapter), TEXTS).equals(expected)
+    assert fetched[0][0] == "org/tiny" and "*.safetensors" in fetched[0][1]
+
+    on_the_hub["weights"] = build_tiny_model_dir("llama", tmp_path / "retrained", seed=9)
+    shutil.rmtree(cache)
+    with pytest.raises(RegistryError, match="wrong weights"):
+        inference.load(adapter)

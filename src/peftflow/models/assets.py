@@ -140,6 +140,18 @@ def _resolve_cached_hub(name: str, hub_id: str, revision: str | None) -> Resolve
     folder = cached_hub_snapshot(hub_id, revision)
     if folder is None:
         _require_online(name, hub_id)
+    return _hub_files_model(name, hub_id, revision, folder)
+
+
+def downloaded_hub_model(name: str, hub_id: str, revision: str | None) -> ResolvedModel | None:
+    """``hub_id``'s model files downloaded (online) and fingerprinted by content, to check an
+    adapter's recorded base; None where they cannot be had. (Offline, ``resolve_model``
+    already fingerprints the cached files.)"""
+    folder = cached_hub_snapshot(hub_id, revision, download=True)
+    return None if folder is None else _hub_files_model(name, hub_id, revision, folder)
+
+
+def _hub_files_model(name: str, hub_id: str, revision: str | None, folder: Path) -> ResolvedModel:
     return ResolvedModel(
         name,
         str(folder),
@@ -151,18 +163,27 @@ def _resolve_cached_hub(name: str, hub_id: str, revision: str | None) -> Resolve
     )
 
 
-def cached_hub_snapshot(hub_id: str, revision: str | None) -> Path | None:
+# What a model folder needs from a hub repo (not its ONNX or OpenVINO exports).
+HUB_MODEL_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
+
+
+def cached_hub_snapshot(hub_id: str, revision: str | None, download: bool = False) -> Path | None:
     """The snapshot folder of ``hub_id`` at ``revision`` in the Hugging Face cache, or None.
 
     ``$HF_HUB_CACHE`` (or ``$HF_HOME/hub``) as huggingface_hub reads it; ``revision`` None
-    means the cached ``main``.
+    means the cached ``main``. ``download``: fetch the model files first when missing.
     """
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        folder = snapshot_download(hub_id, revision=revision, local_files_only=True)
-    except (LocalEntryNotFoundError, ValueError, OSError):
+        folder = snapshot_download(
+            hub_id,
+            revision=revision,
+            local_files_only=not download,
+            allow_patterns=HUB_MODEL_FILES,
+        )
+    except (LocalEntryNotFoundError, HfHubHTTPError, ValueError, OSError):
         return None
     return Path(folder) if (Path(folder) / "config.json").is_file() else None
 

@@ -33,7 +33,13 @@ from torch import nn
 from peftflow.config import ExperimentConfig, FullSettings, merges_into_base, parse_config
 from peftflow.errors import ConfigError, RegistryError
 from peftflow.fsutil import atomic_folder
-from peftflow.models.assets import ResolvedModel, fingerprint, resolve_model
+from peftflow.models.assets import (
+    ResolvedModel,
+    downloaded_hub_model,
+    fingerprint,
+    hub_offline,
+    resolve_model,
+)
 from peftflow.models.backbone import load_saved_tokenizer, load_tokenizer, trained_state
 from peftflow.models.classifier import has_task_head
 from peftflow.models.methods.registry import apply_method
@@ -231,7 +237,8 @@ def _pinned_base(recorded: dict) -> ResolvedModel:
 
 
 def _base_candidates(recorded: dict) -> list[ResolvedModel]:
-    """Where the recorded base can be found on this machine (recorded source first)."""
+    """Where the recorded base can be found on this machine (recorded source first); a base
+    recorded by its files' fingerprint is then looked for by its hub id's files."""
     found: list[ResolvedModel] = []
     for name in dict.fromkeys((recorded["name"], recorded.get("hub_id"))):
         if not name:
@@ -240,6 +247,10 @@ def _base_candidates(recorded: dict) -> list[ResolvedModel]:
             found.append(resolve_model(name, recorded.get("revision")))
         except ConfigError:
             continue
+    by_content = not recorded["fingerprint"].startswith("hub:") and not hub_offline()
+    if by_content and recorded.get("hub_id") and not any(same_base(recorded, c) for c in found):
+        files = downloaded_hub_model(recorded["name"], recorded["hub_id"], recorded.get("revision"))
+        found.extend([files] if files else [])
     return found
 
 
