@@ -99,3 +99,13 @@ def test_evidence_is_recomputed_when_the_champion_moves_meanwhile(new_version, t
 
     assert gate(candidate, tracking_uri, evidence).promoted
     assert calls == [first, second]
+
+
+def test_a_champion_that_cannot_be_scored_refuses_with_the_reason(new_version, tracking_uri):
+    champion = new_version({"test_f1": 0.5})
+    assert gate(champion, tracking_uri, lambda seen: GateEvidence(200)).promoted
+    broken = GateEvidence(200, unscored="the base model 'minilm' is not available here")
+    decision = gate(new_version({"test_f1": 0.99}), tracking_uri, lambda seen: broken)
+    assert not decision.promoted and aliases(tracking_uri)["champion"] == champion
+    assert f"champion v{champion} could not be scored" in decision.reason
+    assert "'minilm' is not available here" in decision.reason

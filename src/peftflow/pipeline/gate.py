@@ -21,6 +21,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from peftflow.config import TrackingConfig
+from peftflow.errors import PeftflowError
 from peftflow.evaluation.paired_bootstrap import metric_for, paired_bootstrap
 from peftflow.evaluation.test_outputs import ARTIFACT_DIR, ARTIFACT_PATH, ExampleOutputs
 from peftflow.serving.predict import load_predictor
@@ -48,7 +49,10 @@ def evidence_for(
             return None
         if champion_version is None:
             return GateEvidence(len(outputs))
-        champion, how = champion_outputs(client, model_name, champion_version, outputs)
+        try:
+            champion, how = champion_outputs(client, model_name, champion_version, outputs)
+        except PeftflowError as error:  # e.g. its base is not available here
+            return GateEvidence(len(outputs), unscored=str(error))
         score = metric_for(outputs.task, metric, outputs.labels, outputs.positive_label)
         interval = paired_bootstrap(
             metric,

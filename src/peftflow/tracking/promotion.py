@@ -67,6 +67,7 @@ class GateEvidence:
     test_examples: int
     interval: PairedInterval | None = None  # None: no champion to compare with
     champion_scored: str = ""  # how the champion's outputs on those examples were obtained
+    unscored: str = ""  # why the champion could not be scored on them (then: refused)
 
 
 # The evidence for a champion version (None: no champion yet); returns None when the
@@ -168,6 +169,11 @@ def _judge_evidence(
             f"the test split has {evidence.test_examples} examples, fewer than "
             f"tracking.promote_min_test_examples={minimum}: too few to tell a better model from "
             "luck. The version stays registered; score it on a larger test split to promote it"
+        )
+    if evidence.unscored:
+        return False, (
+            f"champion v{champion_version} could not be scored on the candidate's test "
+            f"examples ({evidence.unscored}); fix that and run the promotion again"
         )
     interval = evidence.interval
     if champion_version is None or interval is None:
