@@ -99,9 +99,15 @@ def test_registered_lora_classifier_serves_the_logits_it_had_before_logging(
 
     path_before = list(sys.path)
     served = load_predictor(f"models:/tiny-classification/{version.version}", tracking_uri)
-    # The model's copy of the runtime is not left on sys.path, where it would shadow the
-    # installed peftflow in processes spawned later.
-    assert sys.path == path_before
+    assert sys.path == path_before  # loading left no trace on the import path
+    # Loaded as a user would, with MLflow alone: what MLflow adds to sys.path holds no
+    # `peftflow` that would shadow the installed one in processes spawned later.
+    mlflow.pyfunc.load_model(
+        str(download_model(f"models:/tiny-classification/{version.version}", tracking_uri))
+    )
+    added = [Path(entry) for entry in sys.path if entry not in path_before]
+    assert added and not any((entry / "peftflow").exists() for entry in added)
+    sys.path[:] = path_before
     after = served(pd.DataFrame({"text": TEXTS}))
     for column, label in enumerate(cfg.data.labels):
         assert after[f"p_{label}"].tolist() == pytest.approx(before[:, column].tolist(), abs=1e-6)
@@ -216,11 +222,11 @@ def test_predict_loads_only_models_peftflow_logged_unless_trusted(
     assert "is not this peftflow's pyfunc_entry.py" in untrusted_reason(ours)
     entry.write_text(original)
     # The runtime it carries was changed, or something was added next to it.
-    carried = ours / "code" / "peftflow" / "models" / "saved.py"
+    carried = ours / "code" / "peftflow_runtime" / "peftflow" / "models" / "saved.py"
     carried.write_text(carried.read_text() + "\nimport os\n")
-    assert "peftflow/models/saved.py) differs" in untrusted_reason(ours)
+    assert "peftflow_runtime/peftflow/models/saved.py) is not this" in untrusted_reason(ours)
     carried.unlink()
-    assert "not peftflow's serving runtime (peftflow/models/saved.py)" in untrusted_reason(ours)
+    assert "serving runtime (peftflow_runtime/peftflow/models/saved.py)" in untrusted_reason(ours)
 
     # Logged by someone else, registered in the same store.
     with mlflow.start_run() as run:

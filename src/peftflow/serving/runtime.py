@@ -78,14 +78,21 @@ RUNTIME_PACKAGES = (
 )
 
 
+# The folder MLflow copies under the model's ``code/``; it holds the ``peftflow`` copy. Not
+# ``peftflow`` itself: MLflow puts ``code/`` on ``sys.path`` whenever it loads the model, and
+# the entry point adds this folder only where no peftflow is installed.
+RUNTIME_DIR = "peftflow_runtime"
+
+
 def stage_runtime(target: Path) -> Path:
-    """Copy the runtime modules to ``target/peftflow`` (the folder to pass as ``code_paths``)."""
-    package = Path(target) / "peftflow"
+    """Copy the runtime modules to ``target/peftflow_runtime/peftflow``; return the folder to
+    pass as ``code_paths`` (``target/peftflow_runtime``)."""
+    folder = Path(target) / RUNTIME_DIR
     for relative in RUNTIME_MODULES:
-        destination = package / relative
+        destination = folder / "peftflow" / relative
         destination.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(PACKAGE_ROOT / relative, destination)
-    return package
+    return folder
 
 
 def runtime_requirements() -> list[str]:

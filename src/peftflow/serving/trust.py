@@ -18,7 +18,7 @@ from mlflow.models import Model
 
 from peftflow.errors import DataError
 from peftflow.serving.pyfunc import ENTRY_POINT
-from peftflow.serving.runtime import PACKAGE_ROOT, RUNTIME_MODULES
+from peftflow.serving.runtime import PACKAGE_ROOT, RUNTIME_DIR, RUNTIME_MODULES
 from peftflow.tracking.registration import PEFTFLOW_FLAVOR
 
 CODE_MODEL_LOADER = "mlflow.pyfunc.loaders.code_model"
@@ -46,13 +46,14 @@ def _foreign_code(code_dir: Path) -> str | None:
     carried = sorted(
         str(path.relative_to(code_dir)) for path in code_dir.rglob("*") if path.is_file()
     )
-    expected = sorted(f"peftflow/{module}" for module in RUNTIME_MODULES)
+    expected = sorted(f"{RUNTIME_DIR}/peftflow/{module}" for module in RUNTIME_MODULES)
     if carried != expected:
         odd = sorted(set(carried) ^ set(expected))[:3]
         return f"the code it carries is not peftflow's serving runtime ({', '.join(odd)})"
     for module in RUNTIME_MODULES:
-        if (code_dir / "peftflow" / module).read_bytes() != (PACKAGE_ROOT / module).read_bytes():
-            return f"the code it carries (peftflow/{module}) differs from this peftflow's"
+        carried = code_dir / RUNTIME_DIR / "peftflow" / module
+        if carried.read_bytes() != (PACKAGE_ROOT / module).read_bytes():
+            return f"the code it carries ({RUNTIME_DIR}/peftflow/{module}) is not this peftflow's"
     return None
 
 
