@@ -101,6 +101,7 @@ def serve_and_time(venv: Path, uri: str, model: str, cache: Path, scratch: Path,
         if not k.startswith(("MLFLOW_", "PYTHON", "VIRTUAL_ENV"))
     }
     env.update(MLFLOW_TRACKING_URI=uri, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1")
+    env["PATH"] = f"{venv / 'bin'}:{env['PATH']}"  # mlflow starts the venv's uvicorn
     command = [str(venv / "bin" / "mlflow"), "models", "serve", "-m", f"models:/{model}"]
     command += ["--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "--workers", "1"]
     started = time.perf_counter()
@@ -146,9 +147,10 @@ def main() -> None:
         "",
         f"Measured {date.today()} on {cpu_name()} (2 cores, no GPU), "
         f"`.venv/bin/python -m benchmarks.serve_latency --store <project> --model {args.model}` "
-        "after `make demo`. Model format {flavor['model_format']}, base "
+        f"after `make demo`. Model format {flavor['model_format']}, base "
         f"{flavor['source_model_name']}, method {flavor['method']}. One worker; the server runs "
-        "in a virtualenv with neither peftflow nor a weight package.",
+        "in a virtualenv with neither peftflow nor a weight package; an adapter's base comes from "
+        "a Hugging Face cache under its hub id.",
         "",
         "| what | time |",
         "|---|---:|",
