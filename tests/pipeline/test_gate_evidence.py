@@ -89,7 +89,7 @@ def test_the_champion_is_rescored_on_the_candidates_examples_only_when_they_diff
 def test_a_forty_row_table_trains_and_registers_but_cannot_promote(
     prefect_server, tiny_models, tmp_path
 ):
-    """The case the gate was tightened for: 40 rows leave 6 test examples to judge by."""
+    """The case the gate was tightened for: 40 rows leave 8 test examples to judge by."""
     from flows.finetune import finetune
     from tests.conftest import synthetic_spam_table
     from tests.reliability.test_bad_data import write_project
@@ -100,7 +100,9 @@ def test_a_forty_row_table_trains_and_registers_but_cannot_promote(
     result = finetune(config_path=str(config), root=str(root), run_baseline=False)
 
     assert result.registered.version == "1" and not result.promotion.promoted
-    assert "fewer than tracking.promote_min_test_examples=30" in result.promotion.reason
+    assert "the test split has 8 examples, fewer than tracking.promote_min_test_examples=30" in (
+        result.promotion.reason
+    )
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     assert client.get_registered_model("guarded-spam").aliases == {}
     run = client.get_run(client.get_model_version("guarded-spam", "1").run_id)
