@@ -11,9 +11,11 @@ from pathlib import Path
 import typer
 
 from peftflow.cli.common import fail
+from peftflow.config import TrackingConfig
 from peftflow.errors import PeftflowError
 
 STORE_ROOT_HELP = "Project folder; its mlflow.db is the store."
+GATE_DEFAULTS = TrackingConfig()  # the gate's defaults, as a config without them has them
 
 
 def predict(
@@ -57,10 +59,15 @@ def promote(
     metric: str | None = typer.Option(None, help="Test metric (default: by task, F1 or BLEU)."),
     margin: float = typer.Option(0.0, min=0.0, help="How much the champion must be beaten by."),
     confidence: float = typer.Option(
-        0.95, min=0.5, max=0.999, help="Level of the improvement's paired bootstrap interval."
+        GATE_DEFAULTS.promote_confidence,
+        min=0.5,
+        max=0.999,
+        help="Level of the improvement's paired bootstrap interval.",
     ),
     min_test_examples: int = typer.Option(
-        30, min=2, help="A candidate scored on fewer test examples cannot promote."
+        GATE_DEFAULTS.promote_min_test_examples,
+        min=2,
+        help="A candidate scored on fewer test examples cannot promote.",
     ),
     root: Path = typer.Option(Path("."), help=STORE_ROOT_HELP),
 ) -> None:
@@ -70,7 +77,6 @@ def promote(
     champion re-scored when their data differ): the lower bound of the improvement's
     interval must clear the margin.
     """
-    from peftflow.config import TrackingConfig  # deferred: only this command reads it
     from peftflow.pipeline.gate import promote_with_evidence  # deferred: mlflow, torch
     from peftflow.tracking.runs import resolve_tracking_uri  # deferred: mlflow
 

@@ -3,7 +3,7 @@
 Every fine-tuned run logs ``evaluation/test_outputs.json``: per test example its id, its
 input text, its reference (label name or target text) and the model's prediction. Two runs
 whose files hold the same examples are compared on them directly; otherwise the champion is
-re-scored on the candidate's examples (``peftflow.pipeline.gate_evidence``).
+re-scored on the candidate's examples (``peftflow.pipeline.gate``).
 
 Depends on: nothing in peftflow.
 """

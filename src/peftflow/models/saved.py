@@ -116,7 +116,7 @@ def merge_model_dir(model_dir: Path, out_dir: Path, build_base: BaseBuilder) -> 
         if hasattr(loaded.model, "merge_and_unload")
         else loaded.model
     )
-    meta = _meta(Path(model_dir))
+    meta = read_meta(model_dir)
     with atomic_folder(Path(out_dir)) as staging:
         # Classifier: the backbone is the transformers model, the head stays ours.
         # Causal LM: the whole model is the transformers model.
@@ -143,13 +143,9 @@ def base_reference(base: ResolvedModel, config: ExperimentConfig) -> dict:
     return {**base.to_dict(), "weights": weights}
 
 
-def read_config(model_dir: Path) -> ExperimentConfig:
-    """The experiment config a model folder was trained with."""
-    return parse_config(_meta(Path(model_dir))["config"], source=str(Path(model_dir) / META_FILE))
-
-
-def _meta(model_dir: Path) -> dict:
-    meta_path = model_dir / META_FILE
+def read_meta(model_dir: Path) -> dict:
+    """A model folder's metadata (config, task, labels, base reference, format)."""
+    meta_path = Path(model_dir) / META_FILE
     if not meta_path.is_file():
         raise RegistryError(f"{model_dir} is not a peftflow model folder (no {META_FILE})")
     return json.loads(meta_path.read_text())
@@ -161,7 +157,7 @@ def load_model(model_dir: Path, build_base: BaseBuilder, device: str = "cpu") ->
     ``build_base`` is the task's model builder (a classifier or a causal LM).
     """
     model_dir = Path(model_dir)
-    meta = _meta(model_dir)
+    meta = read_meta(model_dir)
     config = parse_config(meta["config"], source=str(model_dir / META_FILE))
     tokenizer = load_saved_tokenizer(model_dir / "tokenizer", config.model.padding_side)
     if meta.get("format", ADAPTER) == MERGED:
@@ -175,14 +171,9 @@ def load_model(model_dir: Path, build_base: BaseBuilder, device: str = "cpu") ->
     return LoadedModel(model, tokenizer, config, meta.get("labels", []), base)
 
 
-def model_format(model_dir: Path) -> str:
-    """``adapter`` or ``merged``."""
-    return _meta(Path(model_dir)).get("format", ADAPTER)
-
-
 def plain_model_config(config: ExperimentConfig) -> ExperimentConfig:
     """How a merged model's architecture is rebuilt: pretrained weights (the bundled ones),
-    full precision, no method left to apply (as for method ``full``)."""
+    not quantised, no method left to apply (as for method ``full``)."""
     model = config.model.model_copy(update={"pretrained": True})
     return config.model_copy(update={"model": model, "method": FullSettings()})
 

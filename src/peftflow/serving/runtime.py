@@ -1,11 +1,13 @@
 """The serving runtime a logged model carries: peftflow's inference modules, nothing else.
 
-MLflow copies a model's ``code_paths`` into the model and puts them on ``sys.path`` when it
-loads it, so a model logged with this copy of peftflow's inference code serves where
-peftflow is not installed (``mlflow models serve --env-manager local`` in a virtualenv made
-from the model's own requirements). The copy holds only the modules that serving imports,
-listed here, and the requirements name only the packages they import:
-tests/serving/test_runtime.py fails when either list falls out of step with the code.
+MLflow copies a model's ``code_paths`` into the model; where peftflow is not installed, the
+model's entry point (``pyfunc_entry.py``) puts that copy on ``sys.path``. So a model logged
+with this copy of peftflow's inference code serves where peftflow is not installed
+(``mlflow models serve --env-manager local`` in a virtualenv made from the model's own
+requirements). The copy holds only the modules that serving imports, listed here
+(tests/serving/test_runtime.py fails when the list and the imports disagree); the
+requirements pin the packages they need (tests/serving/test_served_anywhere.py serves from
+them alone).
 
 It is used when a model is logged, never by the model itself.
 
@@ -14,11 +16,10 @@ Depends on: models, tracking, task.inference.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
-from peftflow.models.saved import MERGED, META_FILE, merge_model_dir, model_format
+from peftflow.models.saved import ADAPTER, MERGED, merge_model_dir, read_meta
 from peftflow.task.inference import BASE_BUILDERS
 from peftflow.tracking.registration import exact_pins
 
@@ -103,9 +104,10 @@ def runtime_requirements() -> list[str]:
 def folder_to_log(model_dir: Path, fmt: str, scratch: Path) -> Path:
     """The model folder in format ``fmt``: ``model_dir`` itself (an adapter, as trained) or
     its merged copy written under ``scratch``."""
-    if fmt == MERGED and model_format(model_dir) != MERGED:
-        task = json.loads((Path(model_dir) / META_FILE).read_text())["task"]
-        return merge_model_dir(model_dir, Path(scratch) / "merged", BASE_BUILDERS[task])
+    meta = read_meta(model_dir)
+    if fmt == MERGED and meta.get("format", ADAPTER) != MERGED:
+        builder = BASE_BUILDERS[meta["task"]]
+        return merge_model_dir(model_dir, Path(scratch) / "merged", builder)
     return Path(model_dir)
 
 
@@ -113,10 +115,10 @@ def flavor_info(model_dir: Path) -> dict:
     """What the model's ``peftflow`` flavor records: its format, task and method, and its
     base (MLflow's PEFT convention: ``source_model_name`` and ``source_model_revision``, plus
     the package and the weight fingerprint an adapter is checked against when it loads)."""
-    meta = json.loads((Path(model_dir) / META_FILE).read_text())
+    meta = read_meta(model_dir)
     base = meta["base"]
     return {
-        "model_format": meta.get("format", "adapter"),
+        "model_format": meta.get("format", ADAPTER),
         "task": meta["task"],
         "method": meta["config"]["method"]["name"],
         "source_model_name": base.get("hub_id") or base["name"],

@@ -55,7 +55,6 @@ from peftflow.training.precision import autocast
 
 RELOAD_CHECK_EXAMPLES = 32
 EVAL_SPLITS = ("val", "test")
-PREDICT_BATCH_SIZE = 64
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ task.generation_decoding.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from peftflow.models.assets import ResolvedModel
 from peftflow.models.causal_lm import build_causal_lm
 from peftflow.models.classifier import build_classifier
 from peftflow.models.methods.registry import base_quantization, padding_problem
-from peftflow.models.saved import META_FILE, LoadedModel, load_model
+from peftflow.models.saved import LoadedModel, load_model, read_meta
 from peftflow.task.generation_decoding import generate_texts
 from peftflow.training.batching import pad_batch
 from peftflow.training.precision import autocast
@@ -70,7 +69,7 @@ BASE_BUILDERS = {"classification": classifier_base, "generation": causal_lm_base
 
 def load(model_dir: str | Path, device: str = "cpu") -> LoadedModel:
     """A saved model folder (adapter or merged), rebuilt for the task it was trained for."""
-    task = json.loads((Path(model_dir) / META_FILE).read_text())["task"]
+    task = read_meta(model_dir)["task"]
     return load_model(Path(model_dir), BASE_BUILDERS[task], device)
 
 

@@ -12,11 +12,11 @@ from torch import nn
 
 from peftflow.config import ExperimentConfig
 from peftflow.models.assets import ResolvedModel
-from peftflow.models.saved import LoadedModel, build_model, read_config, save_model
+from peftflow.models.saved import LoadedModel, build_model, save_model
+from peftflow.task import inference
 from peftflow.task.base import TaskKind
 from peftflow.task.classification import Classification
 from peftflow.task.generation import Generation
-from peftflow.task.run import reload
 
 TASKS: dict[str, TaskKind] = {task.name: task for task in (Classification(), Generation())}
 
@@ -32,8 +32,8 @@ def build_for_training(cfg: ExperimentConfig) -> tuple[nn.Module, object, Resolv
 
 
 def load_trained(model_dir: Path, device: str = "cpu") -> LoadedModel:
-    """A saved model folder, rebuilt by the task it was trained for."""
-    return reload(task_for(read_config(model_dir)), model_dir, device)
+    """A saved model folder (adapter or merged), rebuilt by the task it was trained for."""
+    return inference.load(model_dir, device)
 
 
 def save_trained(model: nn.Module, tokenizer, cfg: ExperimentConfig, base, out_dir: Path) -> Path:

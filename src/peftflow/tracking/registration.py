@@ -292,11 +292,10 @@ def _check_logged_model(
 def load_pyfunc_in_process(folder: str | Path) -> Any:
     """``mlflow.pyfunc.load_model`` of a downloaded model, leaving ``sys.path`` as it was.
 
-    MLflow prepends a model's ``code_paths`` folder to ``sys.path``. Here peftflow is
-    already imported, so the model's copy of the serving runtime is never used in this
-    process, and left on ``sys.path`` it would shadow the installed peftflow in every
-    interpreter started later (multiprocessing's spawn hands ``sys.path`` on): a partial
-    ``peftflow`` without its training or reporting modules.
+    MLflow prepends each loaded model's ``code/`` folder to ``sys.path`` and never takes it
+    off. Here the folder is a temporary download that peftflow does not need (it is
+    installed), so each load would leave a dead entry behind, inherited by every process
+    spawned later. (The copy in it cannot shadow peftflow: see ``pyfunc_entry.py``.)
     """
     saved = list(sys.path)
     try:
