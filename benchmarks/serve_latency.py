@@ -33,11 +33,13 @@ import yaml
 
 import peftflow  # noqa: F401  (offline switches)
 from benchmarks.artifact_sizes import cpu_name
-from peftflow.models.assets import MODEL_ASSETS
+from peftflow.models.assets import MODEL_ASSETS, resolve_model
 from peftflow.serving.predict import download_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAPSHOT = "0" * 40  # the cache's commit hash for a base laid out from its package
+# The distributions that ship pretrained weights: never in a served environment.
+WEIGHT_PACKAGES = tuple(a.package for a in MODEL_ASSETS.values() if a.package)
 TEXTS = [
     "Congratulations! You have won a free cruise, reply now to claim your prize",
     "Can we move the project review to Thursday afternoon?",
@@ -45,20 +47,36 @@ TEXTS = [
 
 
 def build_venv(requirements: Path, folder: Path) -> Path:
-    """A virtualenv from ``requirements`` alone, resolved to this environment's versions."""
+    """A virtualenv from ``requirements`` alone (no peftflow, no weight package), resolved to
+    this environment's versions so uv takes the wheels from its cache."""
     uv = shutil.which("uv") or str(ROOT / ".tools" / "bin" / "uv")
+    if not Path(uv).is_file():
+        raise RuntimeError("uv not found: run `make setup` (it installs uv under .tools/)")
     pins = {
         d.metadata["Name"].lower(): d.version.split("+")[0]
         for d in importlib.metadata.distributions()
     }
-    skip = {"peftflow"} | {a.package for a in MODEL_ASSETS.values() if a.package}
+    skip = {"peftflow"} | set(WEIGHT_PACKAGES)
     constraints = folder.parent / "constraints.txt"
     constraints.write_text("\n".join(f"{n}=={v}" for n, v in sorted(pins.items()) if n not in skip))
     env = {**os.environ, "UV_FIND_LINKS": "/opt/wheels", "UV_PYTHON_DOWNLOADS": "never"}
-    subprocess.run([uv, "venv", str(folder), "--python", sys.executable], check=True, env=env)
     install = [uv, "pip", "install", "--python", str(folder / "bin" / "python")]
-    subprocess.run([*install, "-r", str(requirements), "-c", str(constraints)], check=True, env=env)
+    for command in (
+        [uv, "venv", str(folder), "--python", sys.executable],
+        [*install, "-r", str(requirements), "-c", str(constraints)],
+    ):
+        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
     return folder
+
+
+def lay_out_hub_cache(cache: Path, hub_id: str, folder: Path, snapshot: str = SNAPSHOT) -> None:
+    """Lay ``folder`` out as huggingface_hub caches a download of ``hub_id`` (branch main)."""
+    repo = cache / f"models--{hub_id.replace('/', '--')}"
+    shutil.copytree(folder, repo / "snapshots" / snapshot)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(snapshot)
 
 
 def hub_cache_for(flavor: dict, cache: Path) -> None:
@@ -67,16 +85,12 @@ def hub_cache_for(flavor: dict, cache: Path) -> None:
         return
     package = flavor["source_model_package"].split("==")[0]
     asset = next(a for a in MODEL_ASSETS.values() if a.package == package)
-    from peftflow.models.assets import resolve_model
-
     folder = Path(resolve_model(asset.alias).location)
-    repo = cache / f"models--{flavor['source_model_name'].replace('/', '--')}"
-    shutil.copytree(folder, repo / "snapshots" / SNAPSHOT)
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(SNAPSHOT)
+    lay_out_hub_cache(cache, flavor["source_model_name"], folder)
 
 
-def post(port: int, texts: list[str]) -> float:
+def post(port: int, texts: list[str], timeout: float = 300) -> tuple[list, float]:
+    """POST ``texts`` to a scoring server on 127.0.0.1: (its predictions, milliseconds)."""
     body = {"dataframe_split": {"columns": ["text"], "data": [[t] for t in texts]}}
     request = urllib.request.Request(
         f"http://127.0.0.1:{port}/invocations",
@@ -84,9 +98,9 @@ def post(port: int, texts: list[str]) -> float:
         headers={"Content-Type": "application/json"},
     )
     started = time.perf_counter()
-    with urllib.request.urlopen(request, timeout=300) as response:
-        json.loads(response.read())
-    return (time.perf_counter() - started) * 1000
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        predictions = json.loads(response.read())["predictions"]
+    return predictions, (time.perf_counter() - started) * 1000
 
 
 def serve_and_time(venv: Path, uri: str, model: str, cache: Path, scratch: Path, n: int) -> dict:
@@ -117,9 +131,9 @@ def serve_and_time(venv: Path, uri: str, model: str, cache: Path, scratch: Path,
                     raise SystemExit((scratch / "serve.log").read_text()[-3000:]) from None
                 time.sleep(0.5)
         ready = time.perf_counter() - started
-        first = post(port, TEXTS[:1])
-        single = [post(port, TEXTS[i % 2 : i % 2 + 1]) for i in range(n)]
-        batch = [post(port, TEXTS * 16) for _ in range(5)]
+        first = post(port, TEXTS[:1])[1]
+        single = [post(port, TEXTS[i % 2 : i % 2 + 1])[1] for i in range(n)]
+        batch = [post(port, TEXTS * 16)[1] for _ in range(5)]
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -7,6 +7,7 @@ import shutil
 
 import huggingface_hub.constants
 import pytest
+from benchmarks.serve_latency import lay_out_hub_cache
 
 from peftflow.config.loading import parse_config
 from peftflow.errors import ConfigError, RegistryError
@@ -16,15 +17,6 @@ from peftflow.task.registry import build_for_training, save_trained
 from tests.conftest import build_tiny_model_dir
 from tests.models.test_methods import tiny_config
 from tests.serving.test_registered_models import TEXTS, trained_like
-
-SNAPSHOT = "89abcdef0123456789abcdef0123456789abcdef"
-
-
-def in_hub_cache(cache, hub_id, folder):
-    repo = cache / f"models--{hub_id.replace('/', '--')}"
-    shutil.copytree(folder, repo / "snapshots" / SNAPSHOT)
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(SNAPSHOT)
 
 
 @pytest.mark.parametrize("method", ["lora", "ia3", "last_block"])
@@ -80,7 +72,7 @@ def test_an_adapter_finds_its_base_by_hub_id_in_the_cache_only_if_the_weights_ma
     """Trained on a local copy recorded with a hub id; the copy is gone, the HF cache has it."""
     cache = tmp_path / "hf-cache"
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    in_hub_cache(cache, "org/tiny", tiny_models["llama"])
+    lay_out_hub_cache(cache, "org/tiny", tiny_models["llama"])
     cfg = tiny_config("org/tiny", "lora")
     model, tokenizer, base = trained_like(cfg)
     assert base.source == "hub" and base.hub_id == "org/tiny"  # offline: read from the cache
@@ -89,7 +81,7 @@ def test_an_adapter_finds_its_base_by_hub_id_in_the_cache_only_if_the_weights_ma
     assert inference.predict(inference.load(adapter), TEXTS).equals(expected)
 
     shutil.rmtree(cache)  # other weights under the same hub id: refused, with the fix
-    in_hub_cache(cache, "org/tiny", build_tiny_model_dir("llama", tmp_path / "other", seed=5))
+    lay_out_hub_cache(cache, "org/tiny", build_tiny_model_dir("llama", tmp_path / "other", seed=5))
     with pytest.raises(RegistryError, match="wrong weights") as refused:
         inference.load(adapter)
     assert "make org/tiny reachable" in str(refused.value)
@@ -117,7 +109,7 @@ def test_online_an_adapter_downloads_its_base_by_hub_id_and_checks_its_files(
 
     cache = tmp_path / "hf-cache"
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    in_hub_cache(cache, "org/tiny", tiny_models["llama"])
+    lay_out_hub_cache(cache, "org/tiny", tiny_models["llama"])
     cfg = tiny_config("org/tiny", "lora")
     model, tokenizer, base = trained_like(cfg)
     adapter = save_trained(model, tokenizer, cfg, base, tmp_path / "a")

