@@ -11,9 +11,16 @@ and number of optimizer steps; the first ``--warmup`` steps are excluded from ti
   task_type=SEQ_CLS))`` for LoRA, the same target modules, r, alpha and dropout as ours)
   trained by ``Trainer`` with ``TrainingArguments`` defaults except batch size, steps,
   learning rate, seed, no evaluation, no saving, ``report_to="none"``; batches padded by
-  ``DataCollatorWithPadding``. Weights load in float32 like ours (transformers 5 would
-  otherwise load the checkpoint's own dtype); precision is the Trainer default (fp32)
-  unless ``--baseline-bf16``.
+  ``DataCollatorWithPadding`` to their longest, like ours. Weights load in float32 like ours
+  (transformers 5 would otherwise load the checkpoint's own dtype). ``--baseline`` says how
+  the Trainer is configured (BASELINES): ``fair`` (the default and the headline) is what a
+  user would set for this job, ``bf16=True`` and ``train_sampling_strategy="group_by_length"``
+  (ours groups by length too); ``bf16`` and ``fp32`` are secondary rows.
+
+MFU: the FLOPs-per-token rule (:func:`flops_per_token`) over a peak. On a GPU the peak is
+the card's dense bf16 figure (PEAK_TFLOPS or ``--peak-tflops``); on a CPU it is measured
+at start by a matmul microbenchmark in the run's precision (:func:`matmul_peak`), since no
+datasheet gives a VM's share of a core.
 
 Each (side, repeat) runs in a fresh Python process (so peak memory is that run's own and
 neither side inherits the other's allocator or thread state); the sides alternate order
@@ -42,6 +49,18 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SIDES = ("ours", "trainer")
+
+# How the Trainer is configured: (bf16, length-grouped batches), as a user would set it.
+BASELINES = {
+    "fair": (True, True),  # bf16=True, train_sampling_strategy="group_by_length"
+    "bf16": (True, False),
+    "fp32": (False, False),  # TrainingArguments defaults
+}
+BASELINE_TEXT = {
+    "fair": "bf16=True, group_by_length",
+    "bf16": "bf16=True, random order",
+    "fp32": "TrainingArguments defaults (fp32, random order)",
+}
 
 # Dense bf16 peak TFLOP/s (no sparsity) of known cards, matched against the CUDA device name.
 PEAK_TFLOPS = {
@@ -217,6 +236,7 @@ def matmul_params(model) -> int:
 
 
 def peak_tflops(args: argparse.Namespace, device) -> float | None:
+    """A GPU's datasheet bf16 peak; None on a CPU (its peak is measured: :func:`matmul_peak`)."""
     import torch
 
     if device.type != "cuda":
@@ -227,8 +247,58 @@ def peak_tflops(args: argparse.Namespace, device) -> float | None:
     return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
-def finish(args, device, model, seconds, real, padded, baseline_rss) -> dict:
-    """The metrics of one timed run."""
+def matmul_shapes(args: argparse.Namespace) -> list[tuple[int, int, int]]:
+    """The microbenchmark's (m, k, n): a square 3072 and the model's own MLP up-projection
+    over one full batch, [batch * max_length, hidden] @ [hidden, intermediate]."""
+    from transformers import AutoConfig
+
+    from peftflow.models.assets import resolve_model
+
+    config = AutoConfig.from_pretrained(resolve_model(args.model).location)
+    hidden = config.hidden_size
+    intermediate = getattr(config, "intermediate_size", None) or 4 * hidden
+    return [(3072, 3072, 3072), (args.batch_size * args.max_length, hidden, intermediate)]
+
+
+def matmul_peak(shapes, device_request: str, seconds: float) -> dict[str, dict[str, float]]:
+    """Achieved GFLOP/s of one dense matmul per (dtype, shape): best sustained rate over
+    ``seconds`` after two untimed calls. The CPU's MFU divides by the best of a dtype."""
+    import torch
+
+    device = torch.device(
+        "cuda" if device_request != "cpu" and torch.cuda.is_available() else "cpu"
+    )
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    rates: dict[str, dict[str, float]] = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        rates[str(dtype).removeprefix("torch.")] = per_shape = {}
+        for m, k, n in shapes:
+            a = torch.randn(m, k, dtype=dtype, device=device)
+            b = torch.randn(k, n, dtype=dtype, device=device)
+            for _ in range(2):
+                a @ b
+            sync()
+            calls, start = 0, time.perf_counter()
+            while calls == 0 or time.perf_counter() - start < seconds:
+                a @ b
+                calls += 1
+                sync()
+            per_shape[f"{m}x{k}@{k}x{n}"] = (
+                2 * m * k * n * calls / (time.perf_counter() - start) / 1e9
+            )
+    return rates
+
+
+def cpu_mfu(run: dict, peaks: dict[str, dict[str, float]]) -> float | None:
+    """A CPU run's MFU against the best measured matmul rate of its compute dtype."""
+    rates = peaks.get(run["compute_dtype"])
+    if not rates:
+        return None
+    return run["flops_per_token"] * run["tokens_per_s"] / (max(rates.values()) * 1e9)
+
+
+def finish(args, device, model, seconds, real, padded, baseline_rss, bf16: bool) -> dict:
+    """The metrics of one timed run (a CPU run's MFU is filled in by :func:`main`)."""
     from peftflow.models.backbone import count_parameters
 
     trainable, total = count_parameters(model)
@@ -256,6 +326,7 @@ def finish(args, device, model, seconds, real, padded, baseline_rss) -> dict:
         "flops_per_token": per_token,
         # MFU counts the real tokens' FLOPs (padding is wasted work, not useful work).
         "mfu": per_token * tokens_per_s / (peak * 1e12) if peak else None,
+        "compute_dtype": "bfloat16" if bf16 else "float32",
         "device": str(device),
         "threads": _threads(),
     }
@@ -279,6 +350,7 @@ def run_ours(args: argparse.Namespace) -> dict:
     from peftflow.task.registry import build_for_training
     from peftflow.task.run import predicted_peak_memory_mb
     from peftflow.training.loop import train_model
+    from peftflow.training.precision import autocasts
 
     baseline_rss = rss_mb()
     cfg = make_config(args)
@@ -316,6 +388,7 @@ def run_ours(args: argparse.Namespace) -> dict:
         sum(c[1] for c in measured),
         sum(c[2] for c in measured),
         baseline_rss,
+        autocasts(device, cfg.train.precision),
     )
     result["data_source"] = source
     result["epoch_real_tokens"] = train.n_tokens
@@ -361,6 +434,7 @@ def run_trainer(args: argparse.Namespace) -> dict:
         return batch
 
     marks: list[float] = []
+    bf16, grouped = BASELINES[args.baseline]
 
     class StepClock(TrainerCallback):
         def on_train_begin(self, targs, state, control, **kwargs):
@@ -382,11 +456,13 @@ def run_trainer(args: argparse.Namespace) -> dict:
             report_to="none",
             seed=args.seed,
             use_cpu=args.device == "cpu" or not torch.cuda.is_available(),
-            bf16=args.baseline_bf16,
+            bf16=bf16,
+            train_sampling_strategy="group_by_length" if grouped else "random",
         )
         trainer = Trainer(
             model=model,
             args=targs,
+            processing_class=tokenizer,  # the length sampler reads its input name
             train_dataset=dataset,
             data_collator=counting_collator,
             callbacks=[StepClock()],
@@ -408,6 +484,7 @@ def run_trainer(args: argparse.Namespace) -> dict:
         sum(b[0] for b in measured),
         sum(b[1] for b in measured),
         baseline_rss,
+        bf16,
     )
     result["data_source"] = source
     result["epoch_real_tokens"] = train.n_tokens
@@ -530,6 +607,21 @@ def summarise(runs: list[dict]) -> dict:
     return summary
 
 
+def _peak_line(report: dict) -> str:
+    """The matmul microbenchmark's rates, the CPU's MFU denominators."""
+    parts = [
+        f"{dtype} {shape} {rate:.0f}"
+        for dtype, shapes in report.get("matmul_gflops", {}).items()
+        for shape, rate in shapes.items()
+    ]
+    where = (
+        "the best of each dtype is the CPU's MFU peak"
+        if report["machine"]["gpu"] is None
+        else ("the GPU's MFU uses its datasheet peak")
+    )
+    return f"- matmul microbenchmark at start, GFLOP/s: {'; '.join(parts)} ({where})"
+
+
 def markdown(report: dict) -> str:
     s, m, a = report["summary"], report["machine"], report["settings"]
     lines = [
@@ -549,8 +641,8 @@ def markdown(report: dict) -> str:
         + ("; random weights from the config" if a.get("random_init") else ""),
         f"- precision: ours `train.precision={a['precision']}`"
         + (", `train.compile=true`" if a.get("compile") else "")
-        + "; baseline "
-        f"{'bf16=True' if a['baseline_bf16'] else 'TrainingArguments default (fp32)'}",
+        + f"; baseline Trainer: {BASELINE_TEXT[a['baseline']]}",
+        _peak_line(report),
         "",
         "| side | real tokens/s | padded tokens/s | examples/s | mean step (s) "
         "| peak memory (MiB) | MFU | trainable / total params |",
@@ -621,7 +713,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--precision", default="bf16", choices=["auto", "fp32", "bf16"])
     parser.add_argument(
-        "--baseline-bf16", action="store_true", help="give the Trainer bf16=True (default: fp32)"
+        "--baseline",
+        default="fair",
+        choices=list(BASELINES),
+        help="the Trainer's settings: fair (bf16=True + group_by_length, as a user would set "
+        "them), bf16 (bf16=True alone) or fp32 (TrainingArguments defaults)",
+    )
+    parser.add_argument(
+        "--peak-seconds",
+        type=float,
+        default=2.0,
+        help="seconds per (dtype, shape) of the matmul microbenchmark measured at start",
     )
     parser.add_argument(
         "--data",
@@ -683,6 +785,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(RUNNERS[args.worker](args)))
         return {}
     sides = [s for s in args.sides.split(",") if s]
+    # Before any run, on the idle machine: the peak the CPU's MFU is measured against.
+    peaks = matmul_peak(matmul_shapes(args), args.device, args.peak_seconds)
     runs = []
     for repeat in range(args.repeats):
         order = sides if repeat % 2 == 0 else sides[::-1]  # alternate to spread drift
@@ -691,6 +795,8 @@ def main(argv: list[str] | None = None) -> dict:
             result = _one_run(side, args, argv)
             after = os.getloadavg()[0]
             result.update(side=side, repeat=repeat, load_before=before, load_after=after)
+            if result["mfu"] is None and result["device"] == "cpu":
+                result["mfu"] = cpu_mfu(result, peaks)
             runs.append(result)
             print(f"{side} repeat {repeat}: {result['tokens_per_s']:.1f} real tokens/s", flush=True)
     loads = [r["load_before"] for r in runs] + [r["load_after"] for r in runs]
@@ -698,6 +804,7 @@ def main(argv: list[str] | None = None) -> dict:
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": "python benchmarks/train_throughput.py " + shlex.join(argv),
         "machine": machine_info(args.device),
+        "matmul_gflops": peaks,
         "settings": {k: v for k, v in vars(args).items() if k not in ("worker", "out", "tag")},
         "data_source": runs[0]["data_source"],
         "load_average_range": f"{min(loads):.2f}-{max(loads):.2f}",

@@ -51,6 +51,8 @@ def test_harness_times_both_sides_on_the_same_work(tiny_models, tmp_path):
         "--in-process",
         "--data",
         "synthetic",
+        "--peak-seconds",
+        "0.01",
         "--out",
         str(tmp_path),
     ]
@@ -67,7 +69,12 @@ def test_harness_times_both_sides_on_the_same_work(tiny_models, tmp_path):
         assert run["steps"] == 2 and run["examples"] == 8
         assert run["seconds"] > 0 and run["mean_step_s"] == pytest.approx(run["seconds"] / 2)
         assert 0 < run["real_tokens"] <= run["padded_tokens"] <= 8 * 32
-        assert run["mfu"] is None and run["memory_kind"] == "process_peak_rss"
+        assert run["memory_kind"] == "process_peak_rss"
+        # On the CPU, MFU is measured against the microbenchmark's best rate of the run's dtype.
+        peak = max(written["matmul_gflops"][run["compute_dtype"]].values())
+        assert run["mfu"] == pytest.approx(run["flops_per_token"] * run["tokens_per_s"] / peak / 1e9)
+    assert ours["compute_dtype"] == trainer["compute_dtype"] == "bfloat16"  # the fair baseline
+    assert written["settings"]["baseline"] == "fair"
     # Same data, same examples over the epoch; the same adapters and a 2-label head
     # (ours has a bias, LlamaForSequenceClassification's score layer has none).
     assert ours["epoch_real_tokens"] == trainer["epoch_real_tokens"]
@@ -124,6 +131,7 @@ def test_random_init_needs_only_config_and_tokenizer(tiny_models, tmp_path):
     argv = ["--model", str(skeleton), "--method", "full", "--batch-size", "2", "--max-length"]
     argv += ["16", "--steps", "1", "--warmup", "1", "--repeats", "1", "--device", "cpu"]
     argv += ["--data", "synthetic", "--in-process", "--random-init", "--out", str(tmp_path)]
+    argv += ["--peak-seconds", "0.01"]
     report = bench.main(argv)
     ours, trainer = (report["summary"][side] for side in bench.SIDES)
     assert report["settings"]["random_init"] is True
