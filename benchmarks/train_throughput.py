@@ -44,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -341,8 +342,10 @@ def _threads() -> int:
 # ----------------------------------------------------------------------- the sides
 
 
-def run_ours(args: argparse.Namespace) -> dict:
-    """peftflow's loop, built as ``task.run.train_and_evaluate`` builds it; warmup untimed."""
+def run_ours(args: argparse.Namespace, on_step: Callable[[], None] | None = None) -> dict:
+    """peftflow's loop, built as ``task.run.train_and_evaluate`` builds it; warmup untimed.
+
+    ``on_step`` is called as each optimizer step starts (the profiler's step marks)."""
     import torch
 
     import peftflow  # noqa: F401  (offline switches)
@@ -366,6 +369,8 @@ def run_ours(args: argparse.Namespace) -> dict:
     def timed_loss(model, idx, device):
         lengths = [len(train.input_ids[i]) for i in idx]
         calls.append((time.perf_counter(), sum(lengths), max(lengths) * len(lengths)))
+        if on_step:
+            on_step()
         return objective.summed_loss(model, idx, device)
 
     def no_validation(model) -> dict[str, float]:
@@ -397,8 +402,10 @@ def run_ours(args: argparse.Namespace) -> dict:
     return result
 
 
-def run_trainer(args: argparse.Namespace) -> dict:
-    """Stock Trainer + peft, default settings except what must match; warmup untimed."""
+def run_trainer(args: argparse.Namespace, on_step: Callable[[], None] | None = None) -> dict:
+    """Stock Trainer + peft, configured as ``--baseline`` says; warmup untimed.
+
+    ``on_step`` is called as each optimizer step starts (the profiler's step marks)."""
     import torch
     from transformers import (
         DataCollatorWithPadding,
@@ -439,6 +446,10 @@ def run_trainer(args: argparse.Namespace) -> dict:
     class StepClock(TrainerCallback):
         def on_train_begin(self, targs, state, control, **kwargs):
             reset_peak_memory(targs.device)  # as our loop does when training starts
+
+        def on_step_begin(self, targs, state, control, **kwargs):
+            if on_step:
+                on_step()
 
         def on_step_end(self, targs, state, control, **kwargs):
             if torch.cuda.is_available() and not targs.use_cpu:

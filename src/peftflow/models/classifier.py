@@ -70,8 +70,13 @@ class SequenceClassifier(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """input_ids, attention_mask: [B, T] -> logits [B, num_labels]."""
         position_ids = mask_positions(attention_mask) if self.positions_from_mask else None
+        # use_cache=False: decoders would otherwise build a KV cache (config.use_cache)
+        # that a classifier never reads, appending every layer's keys and values.
         hidden = self.backbone(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
         ).last_hidden_state
         # Prompt/P-tuning prepend V virtual tokens: [B, V+T, H] -> the T text positions.
         hidden = hidden[:, hidden.shape[1] - input_ids.shape[1] :]

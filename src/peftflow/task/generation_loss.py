@@ -54,7 +54,8 @@ def response_logits(
     need the K + 1 last logits minus the very last one. K is the longest response.
     """
     k = max(int((labels != IGNORE_INDEX).sum(dim=1).max()), 1)
-    kwargs = {"input_ids": ids, "attention_mask": mask, "logits_to_keep": k + 1}
+    # use_cache=False: one forward over whole sequences never reads a KV cache.
+    kwargs = {"input_ids": ids, "attention_mask": mask, "logits_to_keep": k + 1, "use_cache": False}
     if not counts_positions_itself(model):
         kwargs["position_ids"] = mask_positions(mask)  # left pads do not shift positions
     logits = model(**kwargs).logits[:, :-1]  # [B, K, V]

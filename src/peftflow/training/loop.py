@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from peftflow.config import ExperimentConfig, TrainConfig
 from peftflow.errors import TrainingError
 from peftflow.models.backbone import trained_state
+from peftflow.models.dropout import use_uniform_mask_dropout
 from peftflow.models.methods.registry import METHODS
 from peftflow.training.batching import batch_order, optimizer_steps
 from peftflow.training.checkpoint import Checkpoints, Progress, rng_state
@@ -121,6 +122,8 @@ def train_model(
     device, replicas = _place(model, tc)
     warn_if_emulated(device, tc.precision)
     store_frozen_weights_for_autocast(model, device, tc.precision)
+    if device.type == "cpu":
+        use_uniform_mask_dropout(model)  # the same masks' law, cheaper draws (models.dropout)
     reset_peak_memory(device)
     if not tc.checkpoint_every_steps:
         checkpoints = None
