@@ -22,7 +22,7 @@ class FiniteGuard:
 
     On a CPU every step is checked on the host before ``optimizer.step()`` (a
     ``.item()`` there costs nothing). On a GPU a host read each step would stall the
-    kernel queue, so with fused AdamW (``make_optimizer`` on CUDA) the check stays on
+    kernel queue, so with fused AdamW (``make_optimizer``) the check stays on
     the device: a sticky flag [] is handed to the optimizer as ``found_inf`` (the AMP
     grad-scaler mechanism), so fused AdamW skips the bad step and every later one
     (weights, moments and step counts untouched), and the host reads the flags every
@@ -33,7 +33,9 @@ class FiniteGuard:
 
     def __init__(self, optimizer, epoch: int, n_steps: int, deferred: bool = True):
         self.optimizer, self.epoch, self.n_steps = optimizer, epoch, n_steps
-        self.deferred = deferred and bool(optimizer.defaults.get("fused"))
+        first = next(p for group in optimizer.param_groups for p in group["params"])
+        on_gpu = first.device.type == "cuda"
+        self.deferred = deferred and on_gpu and bool(optimizer.defaults.get("fused"))
         self.pending: list[tuple[int, torch.Tensor]] = []  # (step, [2] finite flags) unread
         self.bad: torch.Tensor | None = None  # [] on the device: any bad step so far
 

@@ -72,7 +72,12 @@ def set_seed(seed: int) -> None:
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device):
-    """AdamW; no weight decay on biases and norms (1-D tensors)."""
+    """AdamW; no weight decay on biases and norms (1-D tensors).
+
+    The fused kernel on CUDA and on the CPU: on this project's 2-core CPU a step over
+    MiniLM's 22.7M parameters took 10.1 ms fused against 39.5 ms for the default foreach
+    (docs/performance.md), the same update to rounding (2e-7 apart after 20 steps).
+    """
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
@@ -83,7 +88,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device):
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, fused=device.type == "cuda")
+    return torch.optim.AdamW(groups, lr=cfg.lr, fused=device.type in ("cuda", "cpu"))
 
 
 def make_scheduler(optimizer, cfg: TrainConfig, total_steps: int):
