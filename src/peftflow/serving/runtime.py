@@ -42,6 +42,7 @@ RUNTIME_MODULES = (
     "models/__init__.py",
     "models/assets.py",
     "models/attention.py",
+    "models/dropout.py",
     "models/backbone.py",
     "models/causal_lm.py",
     "models/classifier.py",
