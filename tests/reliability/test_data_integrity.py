@@ -416,7 +416,7 @@ def experiment(root: Path, model_dir: Path, table: pd.DataFrame) -> ExperimentCo
             "data": {"source": "table", "path": str(source), "min_class_fraction": 0.1},
             "model": {"name": str(model_dir), "max_length": 32},
             "method": {"name": "lora", "r": 4, "alpha": 8},
-            "train": {"epochs": 2, "batch_size": 16, "lr": 5e-2, "progress": False},
+            "train": {"epochs": 3, "batch_size": 16, "lr": 5e-2, "progress": False},
             "tracking": {
                 "experiment": "reproduce",
                 "tracking_uri": f"sqlite:///{root / 'mlflow.db'}",

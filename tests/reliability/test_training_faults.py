@@ -20,7 +20,7 @@ from peftflow.models.backbone import trained_state
 from peftflow.task.classification import classification_objective
 from peftflow.task.registry import build_for_training
 from peftflow.tracking.runs import ERROR_TAG, RESUMED_TAG, RunTracker, ensure_experiment
-from peftflow.training import checkpoint
+from peftflow.training import checkpoint, finite_guard
 from peftflow.training import loop as training
 from peftflow.training.checkpoint import Checkpoints, claimed
 from peftflow.training.finite_guard import NonFiniteError
@@ -94,16 +94,15 @@ def test_non_finite_loss_stops_before_the_optimizer_applies_it(tiny_models):
 def test_gpu_mode_defers_the_check_but_skips_every_step_from_the_bad_one(tiny_models, monkeypatch):
     """The GPU path (fused AdamW, flags read every 20 steps and at the epoch end), on the CPU.
 
-    Fused AdamW runs on CPUs too, so the deferred check is exercised here: the NaN at
-    step 3 is reported at the epoch end (step 6), yet steps 3-6 changed no weight.
+    Fused AdamW runs on CPUs too (make_optimizer fuses it there), so the deferred check is
+    exercised here by deciding as on a GPU: the NaN at step 3 is reported at the epoch end
+    (step 6), yet steps 3-6 changed no weight.
     """
     cfg = tiny_run_config(tiny_models["bert"], epochs=1)
     model, objective = tiny_objective(cfg)
-    real_make_optimizer = training.make_optimizer
-    monkeypatch.setattr(  # the optimizer a CUDA device gets: fused=True
-        training,
-        "make_optimizer",
-        lambda model, tc, device: real_make_optimizer(model, tc, torch.device("cuda")),
+    assert training.make_optimizer(model, cfg.train, torch.device("cpu")).defaults["fused"]
+    monkeypatch.setattr(  # the decision a CUDA device gets: defer with fused AdamW
+        finite_guard, "defers_on", lambda optimizer: bool(optimizer.defaults.get("fused"))
     )
     before_bad_step: dict[str, dict] = {}
     objective = nan_loss_at(objective, 3, lambda: before_bad_step.update(w=trained_state(model)))

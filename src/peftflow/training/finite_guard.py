@@ -17,6 +17,16 @@ class NonFiniteError(TrainingError):
     """A step's loss or gradient norm was NaN or infinite; the optimizer did not apply it."""
 
 
+def defers_on(optimizer) -> bool:
+    """Whether the check stays on the device: fused AdamW (it takes ``found_inf``) on a GPU.
+
+    On a CPU a host read each step costs nothing, so the check is immediate there even
+    though ``make_optimizer`` fuses AdamW on CPUs too.
+    """
+    first = next(p for group in optimizer.param_groups for p in group["params"])
+    return first.device.type == "cuda" and bool(optimizer.defaults.get("fused"))
+
+
 class FiniteGuard:
     """Stops an epoch at the first optimizer step whose loss or gradient norm is not finite.
 
@@ -33,9 +43,7 @@ class FiniteGuard:
 
     def __init__(self, optimizer, epoch: int, n_steps: int, deferred: bool = True):
         self.optimizer, self.epoch, self.n_steps = optimizer, epoch, n_steps
-        first = next(p for group in optimizer.param_groups for p in group["params"])
-        on_gpu = first.device.type == "cuda"
-        self.deferred = deferred and on_gpu and bool(optimizer.defaults.get("fused"))
+        self.deferred = deferred and defers_on(optimizer)
         self.pending: list[tuple[int, torch.Tensor]] = []  # (step, [2] finite flags) unread
         self.bad: torch.Tensor | None = None  # [] on the device: any bad step so far
 
