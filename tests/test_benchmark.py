@@ -170,3 +170,43 @@ def test_gpu_scripts_parse_and_their_wheels_are_locked():
     assert "transformers" in packages and "pydantic" in packages
     for name in packages:
         assert re.search(rf'^name = "{name}"\nversion = "[^"]+"', lock, re.M), name
+
+
+@pytest.mark.slow
+def test_profile_step_charges_every_op_to_a_phase_and_a_category(tiny_models, tmp_path):
+    import torch
+    from benchmarks import profile_step
+
+    torch_clipping = torch.nn.utils.clip_grad_norm_
+    argv = ["--model", str(tiny_models["llama"]), "--method", "lora", "--batch-size", "4"]
+    argv += ["--max-length", "32", "--steps", "3", "--warmup", "1", "--device", "cpu"]
+    argv += ["--data", "synthetic", "--in-process", "--out", str(tmp_path), "--tag", "t"]
+    report = profile_step.main(argv)
+    profile = report["profile"]
+    assert profile["steps"] == 2  # the last timed step is not profiled
+    phases = profile["phases"]
+    # Forward, backward and the optimizer (AdamW, and the clipping marked while profiling).
+    assert phases["forward"] > 0 and phases["backward"] > 0 and phases["optimizer"] > 0
+    ops_ms = sum(v for k, v in phases.items() if not k.startswith("other"))
+    assert sum(profile["categories"].values()) == pytest.approx(ops_ms)
+    assert ops_ms + phases["other (Python, collation)"] == pytest.approx(profile["step_ms"])
+    # The tiny model's matmuls are all "small" (hidden size <= SMALL_DIM): a rate from FLOPs.
+    assert profile["gemm_gflops"]["small GEMMs"] > 0
+    shares = [op["ms_per_step"] for op in profile["top_ops"]]
+    assert shares == sorted(shares, reverse=True)
+    written = json.loads((tmp_path / "llama-lora-b4-t32-t-ours.json").read_text())
+    assert written["profile"] == profile
+    assert (tmp_path / "llama-lora-b4-t32-t-ours.md").read_text().startswith("# One training")
+    assert torch.nn.utils.clip_grad_norm_ is torch_clipping  # torch's own again afterwards
+
+
+def test_clipping_is_charged_to_the_optimizer_phase():
+    import torch
+    from benchmarks import profile_step
+
+    param = torch.nn.Parameter(torch.randn(8, 8))
+    param.grad = torch.randn(8, 8)
+    with profile_step.marked_clipping(), torch.profiler.profile() as prof:
+        torch.nn.utils.clip_grad_norm_([param], 1.0)
+    phases = {profile_step.phase_of(e) for e in prof.events() if e.name.startswith("aten::")}
+    assert phases == {"optimizer"}

@@ -80,10 +80,11 @@ def _attention_with_dropout(
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    if mask is not None and not mask.any(dim=-1).all():
+    sees_a_key = None if mask is None else mask.any(dim=-1, keepdim=True)  # [.., T, 1]
+    if sees_a_key is not None and not sees_a_key.all():
         # A query that sees no key (a pad row under left padding) gets zeros, not NaN, as
         # in SDPA's math path (torch's _safe_softmax).
-        probs = probs.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
+        probs = probs.masked_fill(~sees_a_key, 0.0)
     probs = torch.where(keep_mask(probs.shape, dropout, probs.device), probs, 0.0)
     output = torch.matmul(probs, value) * (1.0 / (1.0 - dropout))  # [B, h, T, d]
     return output.transpose(1, 2).contiguous(), None

@@ -127,8 +127,7 @@ def train_model(
     device, replicas = _place(model, tc)
     warn_if_emulated(device, tc.precision)
     store_frozen_weights_for_autocast(model, device, tc.precision)
-    if device.type == "cpu":
-        use_uniform_mask_dropout(model)  # the same masks' law, cheaper draws (models.dropout)
+    use_uniform_mask_dropout(model)  # on the CPU, the same masks' law, cheaper draws
     reset_peak_memory(device)
     if not tc.checkpoint_every_steps:
         checkpoints = None
