@@ -46,6 +46,7 @@ from peftflow.pipeline.study import (
     variant_result,
 )
 from peftflow.reporting.study_report import ReportHeader
+from peftflow.tracking.runs import resolve_tracking_uri
 from tasks import study as study_tasks
 from tasks import workers
 from tasks.stages import STAGE_TASKS, run_as_task
@@ -94,8 +95,12 @@ def study(
         if deployment:
             rows = _run_on_workers(variants, ctx, checked, deployment)
         else:
-            rows = _run_variants(variants, ctx, checked, parallel)
-        paths = _report(plan, command, rows, baseline, ctx.root / "reports" / plan.study.name)
+            rows = _run_variants(variants, ctx, checked, parallel, plan.study.isolate)
+        rows, evidence = study_tasks.evidence(
+            plan.study, rows, baseline_result(baseline), _tracking_uri(plan, ctx)
+        )
+        out_dir = ctx.root / "reports" / plan.study.name
+        paths = _report(plan, command, rows, baseline, evidence, out_dir)
         for path in paths:
             parent.log_artifact(path, "report")
         failed = [row["variant"] for row in rows if row["status"] in NOT_TRAINED]
@@ -127,15 +132,22 @@ def _tokenisation_checks(
     }
 
 
-def _report(plan: StudyPlan, command: str, rows, baseline, out_dir: Path) -> list[str]:
+def _tracking_uri(plan: StudyPlan, ctx: RunContext) -> str:
+    return resolve_tracking_uri(plan.reference.tracking.tracking_uri, ctx.root)
+
+
+def _report(plan: StudyPlan, command: str, rows, baseline, evidence, out_dir: Path) -> list[str]:
     header = ReportHeader(
         study=plan.study.name,
         command=command,
         description=plan.study.description,
         budget=dotted(plan.study.budget),
         skipped_methods=plan.skipped_methods,
+        seeds=list(plan.study.seeds),
+        reference_source=plan.study.reference_source,
+        question_notes={q.question: q.note for q in plan.study.questions if q.note},
     )
-    return study_tasks.report(header, rows, baseline_result(baseline), out_dir)
+    return study_tasks.report(header, rows, baseline_result(baseline), evidence, out_dir)
 
 
 @dataclass(frozen=True)
@@ -170,15 +182,22 @@ def _prepare(
 
 
 def _run_variants(
-    variants: _Variants, ctx: RunContext, checked: dict[str, PipelineState], parallel: int
+    variants: _Variants,
+    ctx: RunContext,
+    checked: dict[str, PipelineState],
+    parallel: int,
+    isolate: bool = False,
 ) -> list[dict]:
     """Every variant's row, in plan order: cached ones reused, the rest trained here.
 
-    The training stages run one by one, or side by side in a process pool. A failure
-    is recorded in its row, never fatal to the study.
+    The training stages run one by one, or side by side in a process pool; with
+    ``isolate`` each in a fresh process of its own (so its peak memory is its own).
+    A failure is recorded in its row, never fatal to the study.
     """
     rows, jobs = _prepare(variants, ctx, checked)
-    if parallel > 1 and len(jobs) > 1:
+    if isolate and parallel == 1:
+        outcomes = [_train_concurrently([job], 1)[0] for job in jobs.values()]
+    elif parallel > 1 and len(jobs) > 1:
         outcomes = _train_concurrently(list(jobs.values()), parallel)
     else:
         outcomes = [_train_here(*job) for job in jobs.values()]

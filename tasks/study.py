@@ -12,16 +12,38 @@ import os
 from pathlib import Path
 
 import torch
+from mlflow import MlflowClient
 from prefect import task
 
+from peftflow.pipeline.study import REPORT_METRICS, StudyConfig
+from peftflow.pipeline.study_evidence import (
+    compare_with_baseline,
+    mlflow_outputs,
+    question_evidence,
+    with_logged_metrics,
+)
 from peftflow.reporting.study_report import ReportHeader, write_report
 
 
 @task(name="write-study-report")
 def report(
-    header: ReportHeader, results: list[dict], baseline: dict | None, out_dir: Path
+    header: ReportHeader, results: list[dict], baseline: dict | None, evidence: dict, out_dir: Path
 ) -> list[str]:
-    return [str(path) for path in write_report(header, results, baseline, out_dir)]
+    return [str(path) for path in write_report(header, results, baseline, out_dir, evidence)]
+
+
+@task(name="compare-study-variants")
+def evidence(
+    study: StudyConfig, rows: list[dict], baseline: dict, tracking_uri: str
+) -> tuple[list[dict], dict]:
+    """Rows completed from their MLflow runs, and every question's paired comparisons."""
+    client = MlflowClient(tracking_uri)
+    rows = with_logged_metrics(rows, client, REPORT_METRICS)
+    outputs_of = mlflow_outputs(client)
+    return rows, {
+        "questions": question_evidence(study, rows, outputs_of),
+        "baseline": compare_with_baseline(rows, baseline, outputs_of),
+    }
 
 
 # --- the process pool of a concurrent study ----------------------------------------------

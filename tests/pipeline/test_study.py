@@ -59,7 +59,8 @@ def variant(name: str, question: str | list[str], **overrides) -> dict:
 
 
 def test_studies_are_shipped():
-    assert {p.name for p in STUDIES} >= {"seven_questions.yaml", "seven_questions_full.yaml"}
+    shipped = {p.name for p in STUDIES}
+    assert shipped >= {"seven_questions.yaml", "seven_questions_full.yaml", "methods.yaml"}
 
 
 @pytest.mark.parametrize("path", STUDIES, ids=lambda p: p.name)
@@ -72,19 +73,32 @@ def test_every_shipped_study_validates_every_variant(path, monkeypatch):
     hub_config = {"model_type": "llama", "max_position_embeddings": 8192, "attention_bias": False}
     monkeypatch.setattr(peftflow.models.facts, "_model_config", lambda loc, rev: hub_config)
     plan = plan_study(path)
-    asked = {q for v in plan.variants for q in v.questions}
-    assert set(SEVEN_QUESTIONS) <= asked
     assert all(v.config.name.startswith(f"{plan.study.name}-") for v in plan.variants)
-    in_table = {v.config.method.name for v in plan.variants if v.in_methods_table}
-    assert in_table | set(plan.skipped_methods) == set(METHODS)
+    if plan.study.all_methods:
+        in_table = {v.config.method.name for v in plan.variants if v.in_methods_table}
+        assert in_table | set(plan.skipped_methods) == set(METHODS)
+        return
+    # Each question is asked by variants, or listed with a note saying why it is not.
+    asked = {q for v in plan.variants for q in v.questions}
+    explained = {q.question for q in plan.study.questions if q.note and not q.compare}
+    assert set(SEVEN_QUESTIONS) <= asked | explained
+    for question in plan.study.questions:
+        for a, b in question.compare:
+            assert question.question in next(v for v in plan.variants if v.group == a).questions
 
 
-def test_cpu_study_keeps_the_reduced_budget():
+def test_cpu_study_budget_can_answer_with_three_seeds():
+    """Issue 19's floor: 2,000 emails at 128+ tokens for encoders, 3 seeds, one split."""
     plan = plan_study(ROOT / "configs" / "studies" / "seven_questions.yaml")
+    assert len(plan.study.seeds) >= 3 and plan.study.isolate
     for study_variant in plan.variants:
         cfg = study_variant.config
-        assert cfg.data.split.max_train_examples == 500
-        assert (cfg.model.max_length, cfg.train.epochs) == (96, 1)
+        assert cfg.data.split.max_train_examples == 2000 and cfg.train.epochs == 1
+        assert cfg.train.seed in plan.study.seeds
+        if cfg.model.name == "minilm":
+            assert cfg.model.max_length >= 128 and cfg.train.max_examples is None
+    groups = {v.group for v in plan.variants}
+    assert all(sum(v.group == g for v in plan.variants) == 3 for g in groups)
 
 
 def test_hub_only_variant_is_refused_offline_by_name(monkeypatch):
@@ -426,3 +440,80 @@ def test_workers_get_the_study_path_as_their_checkout_has_it(tmp_path):
     assert _as_in_checkout(str(inside), root) == "configs/s.yaml"
     outside = tmp_path / "elsewhere.yaml"
     assert _as_in_checkout(str(outside), root) == str(outside)
+
+
+@pytest.mark.slow
+@pytest.mark.server
+def test_seeded_study_isolates_runs_and_answers_each_pair(prefect_server, tiny_models, tmp_path):
+    """Two seeds of two variants, each trained in its own process: the answer compares the
+    pair over both seeds on the same test emails, and the baseline is compared too."""
+    from flows.study import study
+
+    root = tmp_path / "project"
+    root.mkdir()
+    subprocess.run(["git", "init", "-q", str(root)], check=True)
+    synthetic_spam_table(240)[["text", "label"]].to_csv(root / "messages.csv", index=False)
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    base = {
+        "name": "base",
+        "seed": 3,
+        "data": {"source": "table", "path": str(root / "messages.csv"), "min_class_fraction": 0.1},
+        "model": {"name": str(tiny_models["bert"]), "max_length": 48},
+        "method": {"name": "full"},
+        "train": {"epochs": 1, "batch_size": 16, "lr": 5e-3, "progress": False},
+        "tracking": {"experiment": "seeded", "tracking_uri": uri, "register_model": False},
+    }
+    plan = {
+        "name": "seeded",
+        "seeds": [1, 2],
+        "isolate": True,
+        "reference_source": "A made-up reference.",
+        "questions": [
+            {"question": "Must all layers train?", "compare": [["full", "head"]]},
+            {"question": "Larger model?", "note": "no pair here"},
+        ],
+        "variants": [
+            {
+                **variant("full", "Must all layers train?"),
+                "reference": {"label": "all", "accuracy": 0.9},
+            },
+            {
+                **variant("head", "Must all layers train?", **{"method.name": "last_layer"}),
+                "reference": {"label": "head", "accuracy": 0.7},
+            },
+        ],
+    }
+    study_path = write_study(tmp_path / "configs", plan, base)
+
+    summary = study(study_path=str(study_path), root=str(root), command="peftflow study s")
+
+    assert [r["variant"] for r in summary.results] == [
+        "full-seed1",
+        "full-seed2",
+        "head-seed1",
+        "head-seed2",
+    ]
+    assert summary.failed == []
+    by_seed = {r["variant"]: r for r in summary.results}
+    # Seeds change what training draws: the two seeds of one variant differ.
+    assert by_seed["full-seed1"]["run_id"] != by_seed["full-seed2"]["run_id"]
+    for row in summary.results:
+        assert row["predicted_peak_memory_mb"] > 0 and row["run_seconds"] > 0
+    saved = json.loads((root / "reports" / "seeded" / "results.json").read_text())
+    (pair,) = saved["evidence"]["questions"]
+    assert (pair["a"], pair["b"], pair["seeds"]) == ("full", "head", {"full": 2, "head": 2})
+    means = {v["variant"]: v["test_f1"] for v in saved["variants"]}
+    assert (
+        pair["a_mean"] == pytest.approx(means["full"])
+        and pair["low"] <= pair["delta"] <= pair["high"]
+    )
+    assert pair["reference"]["delta_accuracy"] == pytest.approx(0.2) and pair["agreement"]
+    assert (
+        saved["evidence"]["baseline"]["b"] == "tfidf-logreg"
+        and "n" in saved["evidence"]["baseline"]
+    )
+    report = (root / "reports" / "seeded" / "report.md").read_text()
+    assert "`full` vs `head`: test F1" in report and "paired bootstrap over" in report
+    assert "**Larger model?** not answered here: no pair here" in report
+    assert "## The reference side by side" in report and "A made-up reference." in report
+    assert "Compute: " in report and "min measured over 4 runs" in report

@@ -118,6 +118,11 @@ class ExperimentConfig(Frozen):
             )
         return self
 
+    @property
+    def training_seed(self) -> int:
+        """The seed of initialisation, batch order and dropout (``seed`` fixes the split)."""
+        return self.seed if self.train.seed is None else self.train.seed
+
     def config_hash(self) -> str:
         """sha256 of the canonical JSON (sorted keys, defaults included), 16 hex chars.
 
@@ -160,7 +165,7 @@ RUN_KEY_EXCLUDED: dict[str, set[str]] = {
 # Fields added after runs were keyed that can change a result: hashed only when set away
 # from their default, so every config written before them keeps its key.
 RUN_KEY_OMITTED_AT_DEFAULT: dict[str, dict[str, Any]] = {
-    "train": {"compile": False},
+    "train": {"compile": False, "seed": None, "max_examples": None},
     "model": {"head_dropout": 0.1},
 }
 

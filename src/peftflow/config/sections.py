@@ -135,6 +135,14 @@ class TrainConfig(Frozen):
     # compile (seconds on a GPU, a minute or more on a CPU); numerics may differ from eager
     # in the last bits, so a compiled run has its own run key (see RUN_KEY_OMITTED_AT_DEFAULT).
     compile: bool = False
+    # The seed of what training draws: the head's (and a random-init model's) weights, the
+    # batch order and the dropout masks. None: the experiment's ``seed``, which also fixes the
+    # split, so a study can repeat a variant over seeds on one split (see ExperimentConfig).
+    seed: int | None = None
+    # Train on a stratified sample of this many examples of the train split (drawn with the
+    # experiment's seed, so every training seed sees the same ones); None: all of it. Lets one
+    # variant of a study train on fewer examples than the split the study shares.
+    max_examples: int | None = Field(None, ge=1)
 
 
 class GenerationConfig(Frozen):

@@ -135,6 +135,15 @@ def _downsample_to_minority(train: pd.DataFrame, seed: int) -> pd.DataFrame:
     return train.groupby("label", group_keys=False).sample(n=minority, random_state=seed)
 
 
+def sample_train(train: pd.DataFrame, cap: int, seed: int) -> pd.DataFrame:
+    """At most ``cap`` rows of ``train``: stratified by label when it has labels, else seeded."""
+    if len(train) <= cap:
+        return train
+    if "label" not in train.columns:
+        return train.sample(n=cap, random_state=seed).sort_index()
+    return _stratified_cap(train, cap, seed)
+
+
 def _stratified_cap(train: pd.DataFrame, cap: int, seed: int) -> pd.DataFrame:
     quotas = _proportional_quotas(train["label"].value_counts().sort_index(), cap)
     picked = [

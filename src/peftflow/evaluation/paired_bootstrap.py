@@ -125,3 +125,88 @@ def metric_for(
 
 
 GENERATION = ("bleu", "chrf", "rouge1", "rouge2", "rougeL", "exact_match")
+
+
+# --- several seeds per side ------------------------------------------------------------------
+
+
+def seed_averaged_interval(
+    metric_name: str,
+    references: Sequence[str],
+    candidate_runs: Sequence[Sequence[str]],
+    champion_runs: Sequence[Sequence[str]],
+    labels: Sequence[str],
+    positive_label: str | None = None,
+    level: float = 0.95,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> PairedInterval:
+    """The interval of (mean over the candidate's runs) - (mean over the champion's runs) of a
+    classification metric, resampling the test examples jointly for every run.
+
+    Each side is a variant trained with several seeds on one split: the seed mean is what a
+    study compares, and resampling examples gives its uncertainty over the test set (the
+    seeds' own spread is reported beside it as their sd). Vectorised: every resample of
+    every run is scored at once from its confusion counts, as ``classification_metrics``
+    scores one (binary: the positive class; otherwise macro over ``labels``).
+    """
+    key = metric_name.removeprefix("test_")
+    if key not in CLASSIFICATION_METRICS:
+        raise ValueError(
+            f"{metric_name!r} is not one of test_{', test_'.join(CLASSIFICATION_METRICS)}"
+        )
+    index = {label: i for i, label in enumerate(labels)}
+    truth = np.array([index.get(r, -1) for r in references])
+    sides = [
+        np.array([[index.get(p, -1) for p in run] for run in runs])
+        for runs in (candidate_runs, champion_runs)
+    ]
+    if (
+        any(side.ndim != 2 or side.shape[0] == 0 or side.shape[1] != len(truth) for side in sides)
+        or len(truth) < 2
+    ):
+        raise ValueError(
+            f"each side needs one or more runs with one prediction per reference ({len(truth)}, "
+            "at least 2); got runs of shapes "
+            f"{[list(side.shape) for side in sides]}"
+        )
+    positive = index.get(positive_label, 1)
+    classes = [positive] if len(labels) <= 2 else list(range(len(labels)))
+    rows = np.random.default_rng(seed).integers(0, len(truth), size=(resamples, len(truth)))
+    # [R, n] resampled truth; each side's [S, R, n] resampled predictions -> [R] seed means.
+    on_resamples = [_metric_of(key, truth[rows], side[:, rows], classes).mean(0) for side in sides]
+    differences = on_resamples[0] - on_resamples[1]
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(differences, [tail, 100 - tail])
+    full = [_metric_of(key, truth[None], side[:, None], classes).mean() for side in sides]
+    return PairedInterval(
+        metric_name,
+        len(truth),
+        float(full[0]),
+        float(full[1]),
+        float(low),
+        float(high),
+        level,
+        resamples,
+    )
+
+
+def _metric_of(
+    key: str, truth: np.ndarray, predictions: np.ndarray, classes: list[int]
+) -> np.ndarray:
+    """``key`` of every run on every resample: truth [R, n], predictions [S, R, n] -> [S, R]."""
+    if key == "accuracy":
+        return (predictions == truth).mean(-1)
+    per_class = []
+    for c in classes:
+        predicted, actual = predictions == c, truth == c
+        tp = (predicted & actual).sum(-1)
+        fp = (predicted & ~actual).sum(-1)
+        fn = (~predicted & actual).sum(-1)
+        precision = np.divide(tp, tp + fp, out=np.zeros(tp.shape), where=(tp + fp) > 0)
+        recall = np.divide(tp, tp + fn, out=np.zeros(tp.shape), where=(tp + fn) > 0)
+        f1 = np.divide(
+            2 * tp, 2 * tp + fp + fn, out=np.zeros(tp.shape), where=(2 * tp + fp + fn) > 0
+        )
+        per_class.append({"precision": precision, "recall": recall, "f1": f1}[key])
+    return np.mean(per_class, axis=0)

@@ -139,7 +139,9 @@ def base_reference(base: ResolvedModel, config: ExperimentConfig) -> dict:
     A random-init base is rebuilt from the base's architecture and the config's
     seed (``model.pretrained: false``); its fingerprint still pins the architecture source.
     """
-    weights = "pretrained" if config.model.pretrained else f"random-init (seed {config.seed})"
+    weights = (
+        "pretrained" if config.model.pretrained else f"random-init (seed {config.training_seed})"
+    )
     return {**base.to_dict(), "weights": weights}
 
 

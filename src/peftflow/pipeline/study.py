@@ -12,6 +12,10 @@ With ``all_methods: true`` the study adds one variant per registry method (at
 the same budget) that applies to the base model on this machine; a variant
 whose config equals an explicit one is not trained twice.
 
+With ``seeds`` every variant runs once per seed (``train.seed``: initialisation, batch
+order, dropout) on the one split, and ``questions`` name the pairs of variants each
+question compares (:mod:`peftflow.pipeline.study_evidence` scores them).
+
 Depends on: config, models, tracking, task.
 """
 
@@ -61,11 +65,33 @@ REPORT_METRICS = (
     "train_seconds",
     "train_examples_per_second",
     "peak_memory_mb",
+    "predicted_peak_memory_mb",
+    "run_seconds",
 )
 
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ReferenceResult(_Frozen):
+    """A published result for the same question (the study's ``reference_source``)."""
+
+    label: str = Field(..., min_length=1)
+    accuracy: float = Field(..., ge=0.0, le=1.0)
+
+
+class QuestionSpec(_Frozen):
+    """What a question compares: pairs of variants (``[a, b]``: a's F1 minus b's)."""
+
+    question: str = Field(..., min_length=1)
+    # Empty: the study cannot answer it (its note says why); the report prints the note.
+    compare: tuple[tuple[str, str], ...] = ()
+    # Why a pair answers the question, or what confounds it; printed under the answer.
+    note: str = ""
+    # The reference's result for every pair's b side in this question, where its b variant's
+    # own reference is not the reference's matching run (e.g. the run it varied padding on).
+    b_reference: ReferenceResult | None = None
 
 
 class VariantSpec(_Frozen):
@@ -77,6 +103,8 @@ class VariantSpec(_Frozen):
     note: str = ""
     # Dotted keys (model.pooling) or nested sections; applied after budget and method_overrides.
     overrides: dict[str, Any] = Field(default_factory=dict)
+    # The reference's result for the variant it ran that matches this one, if any.
+    reference: ReferenceResult | None = None
 
     @property
     def questions(self) -> tuple[str, ...]:
@@ -104,11 +132,24 @@ class StudyConfig(_Frozen):
     # Variants training at once (each in its own process); None: one per GPU on a host
     # with two or more, else 1. How a study runs, not what it is: not part of its hash.
     max_parallel: int | None = Field(None, ge=1)
+    # Training seeds (train.seed): every variant runs once per seed on the one split; empty:
+    # once, with the experiment's seed.
+    seeds: tuple[int, ...] = ()
+    # Train each variant in a fresh process, so its peak memory is its own (a process's
+    # peak RSS never falls back). How a study runs: not part of its hash.
+    isolate: bool = False
+    # The pairs each question compares; a question listed on variants but not here gets
+    # no answer line, only its table.
+    questions: tuple[QuestionSpec, ...] = ()
+    # Where the variants' `reference` results come from (model, data, budget).
+    reference_source: str = ""
 
     @model_validator(mode="after")
     def _check(self) -> StudyConfig:
         if not self.variants and not self.all_methods:
             raise ValueError("a study needs `variants` or `all_methods: true`; add one")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be distinct; got {list(self.seeds)}")
         names = [variant.name for variant in self.variants]
         repeated = sorted({name for name in names if names.count(name) > 1})
         if repeated:
@@ -119,19 +160,32 @@ class StudyConfig(_Frozen):
                 f"method_overrides names unknown methods {unknown}; "
                 f"valid methods: {', '.join(sorted(METHOD_SETTINGS))}"
             )
+        self._check_questions(names)
         return self
+
+    def _check_questions(self, names: list[str]) -> None:
+        for spec in self.questions:
+            unknown = sorted({n for pair in spec.compare for n in pair} - set(names))
+            if unknown:
+                raise ValueError(
+                    f"question {spec.question!r} compares {unknown}, which are not variants of "
+                    f"this study; use names from `variants`: {', '.join(names)}"
+                )
 
 
 @dataclass(frozen=True)
 class StudyVariant:
     """One validated run of a study."""
 
-    name: str
+    name: str  # the group's name plus its seed (``minilm-full-seed1``) when the study has seeds
     questions: tuple[str, ...]  # empty: added by all_methods, shown only in the methods table
     note: str
     overrides: dict[str, Any]  # the variant's own dotted overrides, shown in the report
     config: ExperimentConfig
     in_methods_table: bool
+    group: str = ""  # the variant as the study YAML names it; its seeds share it
+    seed: int | None = None  # train.seed of this run; None: the experiment's seed
+    reference: ReferenceResult | None = None
 
 
 @dataclass(frozen=True)
@@ -190,7 +244,11 @@ def plan_study(path: str | Path) -> StudyPlan:
     path = Path(path)
     study = load_study(path)
     base_path = _resolve_base(study.base, path)
-    variants = [_explicit_variant(study, spec, base_path) for spec in study.variants]
+    variants = [
+        replicate
+        for spec in study.variants
+        for replicate in _with_seeds(study, _explicit_variant(study, spec, base_path), base_path)
+    ]
     _refuse_repeated_runs(variants)
     skipped: dict[str, str] = {}
     if study.all_methods:
@@ -248,9 +306,31 @@ def _load_variant(
 
 def _explicit_variant(study: StudyConfig, spec: VariantSpec, base_path: Path) -> StudyVariant:
     config = _variant_config(study, base_path, spec.name, spec.overrides)
+    overrides = dotted(spec.overrides)
     return StudyVariant(
-        spec.name, spec.questions, spec.note, dotted(spec.overrides), config, in_methods_table=False
+        spec.name,
+        spec.questions,
+        spec.note,
+        overrides,
+        config,
+        False,
+        spec.name,
+        None,
+        spec.reference,
     )
+
+
+def _with_seeds(study: StudyConfig, variant: StudyVariant, base_path: Path) -> list[StudyVariant]:
+    """The variant once per study seed (``train.seed``), or as it is when the study has none."""
+    if not study.seeds:
+        return [variant]
+    replicates = []
+    for seed in study.seeds:
+        name = f"{variant.group}-seed{seed}"
+        overrides = {**variant.overrides, "train.seed": seed}
+        config = _variant_config(study, base_path, name, overrides)
+        replicates.append(replace(variant, name=name, config=config, seed=seed))
+    return replicates
 
 
 def _refuse_repeated_runs(variants: list[StudyVariant]) -> None:
@@ -278,13 +358,19 @@ def _add_method_variants(
     for method in METHOD_SETTINGS:
         if method in skipped:
             continue
-        config = _variant_config(study, base_path, f"method-{method}", {"method.name": method})
+        # An explicit variant of this method at the budget (its first seed's run) is the same one.
+        first_seed = {"train.seed": study.seeds[0]} if study.seeds else {}
+        probe = {"method.name": method, **first_seed}
+        config = _variant_config(study, base_path, f"method-{method}", probe)
         twin = _same_run_as(config, result)
-        if twin is not None:
-            result[twin] = replace(result[twin], in_methods_table=True)
+        if twin is not None:  # the same variant: mark every one of its seeds
+            group = result[twin].group
+            result = [replace(v, in_methods_table=True) if v.group == group else v for v in result]
             continue
-        overrides = {"method.name": method}
-        result.append(StudyVariant(f"method-{method}", (), "", overrides, config, True))
+        name = f"method-{method}"
+        config = _variant_config(study, base_path, name, {"method.name": method})
+        variant = StudyVariant(name, (), "", {"method.name": method}, config, True, name)
+        result.extend(_with_seeds(study, variant, base_path))
     return result, skipped
 
 
@@ -354,7 +440,7 @@ def tokeniser_key(config: ExperimentConfig) -> str:
 
 def study_identity(study: StudyConfig) -> str:
     """sha256 of what the study is (16 hex chars); how it runs (max_parallel) is left out."""
-    identity = study.model_dump_json(exclude={"max_parallel"})
+    identity = study.model_dump_json(exclude={"max_parallel", "isolate"})
     return hashlib.sha256(identity.encode()).hexdigest()[:16]
 
 
@@ -412,6 +498,9 @@ def variant_result(
         status = CRASHED if crashed else "failed"
     return {
         "variant": variant.name,
+        "group": variant.group or variant.name,
+        "seed": variant.seed,
+        "reference": variant.reference.model_dump() if variant.reference else None,
         "questions": list(variant.questions),
         "in_methods_table": variant.in_methods_table,
         "note": variant.note,

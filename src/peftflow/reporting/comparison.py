@@ -19,7 +19,6 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from itertools import groupby
 
 from mlflow import MlflowClient
 from mlflow.entities import Run
@@ -27,7 +26,7 @@ from mlflow.exceptions import MlflowException
 
 from peftflow.config import TASK_METRICS
 from peftflow.errors import PeftflowError
-from peftflow.reporting.plots import CostAxis
+from peftflow.reporting.plots import CostAxis, pareto_front
 from peftflow.tracking.runs import RUN_KEY_TAG
 
 KIND_TAG = "peftflow.kind"
@@ -94,28 +93,6 @@ class Comparison:
     baselines: list[RunRow]  # references with the metric
     fronts: dict[str, frozenset[str]]  # cost -> ids of the runs on its front
     created: datetime = field(default_factory=lambda: datetime.now(UTC))
-
-
-def pareto_front(points: Sequence[tuple[float | None, float | None]]) -> list[bool]:
-    """Per (cost, metric) point: True when no other point has cost <= and metric >=, one strictly.
-
-    Points missing either value are never on the front. Identical points do not dominate each
-    other, so ties stay on the front together. Sorting by cost makes this O(n log n).
-    """
-    on_front = [False] * len(points)
-    known = sorted(
-        (cost, metric, index)
-        for index, (cost, metric) in enumerate(points)
-        if cost is not None and metric is not None
-    )
-    best_cheaper = float("-inf")  # best metric among strictly cheaper points
-    for _, same_cost in groupby(known, key=lambda point: point[0]):
-        same_cost = list(same_cost)
-        best_here = max(metric for _, metric, _ in same_cost)
-        for _, metric, index in same_cost:
-            on_front[index] = metric == best_here and metric > best_cheaper
-        best_cheaper = max(best_cheaper, best_here)
-    return on_front
 
 
 def pareto_fronts(rows: Sequence[RunRow]) -> dict[str, frozenset[str]]:

@@ -173,6 +173,10 @@ class Classification(TaskKind):
         """TF-IDF + logistic regression: C chosen on val, test scored once."""
         result = train_tfidf_baseline(splits, cfg.data.labels, cfg.data.positive_label, cfg.seed)
         tracker.log_params({"baseline.C": result.best_c, "baseline.model": "tfidf+logreg"})
+        # The same per-example file as a fine-tuned run's: studies compare with it email by email.
+        predicted = result.pipeline.predict(splits["test"]["text"].astype(str))
+        label_ids = [list(cfg.data.labels).index(label) for label in predicted]
+        _log_test_outputs(tracker, cfg, splits["test"], label_ids, out_dir)
         png = out_dir / "confusion_test.png"
         plot_confusion(result.test_confusion, cfg.data.labels, "TF-IDF + LR (test)", png)
         tracker.log_artifact(png, "plots")

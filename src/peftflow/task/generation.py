@@ -284,7 +284,7 @@ def score_generation(model, tokenizer, encoded, frames, cfg: ExperimentConfig):
             encoded[name],
             cfg.generation,
             precision=cfg.train.precision,
-            seed=cfg.seed,
+            seed=cfg.training_seed,
         )
         metrics[f"{name}_generate_seconds"] = time.perf_counter() - started
         metrics.update(generation_metrics(texts, frame["response"].tolist(), prefix=f"{name}_"))

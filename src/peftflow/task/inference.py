@@ -41,7 +41,7 @@ PREDICT_BATCH_SIZE = 64
 def classifier_base(base: ResolvedModel, cfg: ExperimentConfig, tokenizer) -> nn.Module:
     """A SequenceClassifier over ``base`` with ``cfg``'s labels, pad id as the tokenizer's."""
     model = build_classifier(
-        base, len(cfg.data.labels), cfg.model, cfg.seed, base_quantization(cfg.method)
+        base, len(cfg.data.labels), cfg.model, cfg.training_seed, base_quantization(cfg.method)
     )
     if tokenizer is not None and getattr(model.backbone.config, "pad_token_id", None) is None:
         model.backbone.config.pad_token_id = tokenizer.pad_token_id  # decoders pad with eos
@@ -50,7 +50,7 @@ def classifier_base(base: ResolvedModel, cfg: ExperimentConfig, tokenizer) -> nn
 
 def causal_lm_base(base: ResolvedModel, cfg: ExperimentConfig, tokenizer) -> nn.Module:
     """The causal LM ``base``; refuses methods whose outputs would shift with left padding."""
-    model = build_causal_lm(base, cfg.model, cfg.seed, base_quantization(cfg.method))
+    model = build_causal_lm(base, cfg.model, cfg.training_seed, base_quantization(cfg.method))
     refuse_padding_problem(cfg, model.config.model_type)
     if tokenizer is not None and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id  # decoders pad with eos
@@ -119,7 +119,7 @@ def generate(loaded: LoadedModel, texts: Sequence[str]) -> pd.DataFrame:
         data,
         config.generation,
         precision=config.train.precision,
-        seed=config.seed,
+        seed=config.training_seed,
     )
     return pd.DataFrame({"generated": generated})
 

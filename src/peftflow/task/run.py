@@ -9,6 +9,7 @@ Depends on: config, models, training, tracking.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from peftflow.config import ExperimentConfig
+from peftflow.data.split import sample_train
 from peftflow.models.assets import ResolvedModel
 from peftflow.models.backbone import count_parameters
 from peftflow.models.saved import LoadedModel, base_reference, build_model, load_model, save_model
@@ -61,11 +63,12 @@ def train_and_evaluate(
     ``checkpoints``: resume from and write training checkpoints (peftflow.training.checkpoint);
     ``baseline``: the baseline run, which a task may compare itself with.
     """
+    started = time.perf_counter()
     model, tokenizer, base = build_model(cfg, task.build_base)
     trainable, total = count_parameters(model)
     predicted = predicted_peak_memory_mb(model, cfg)
     log_base_reference(tracker, base, cfg)
-    data = task.prepare(cfg, tokenizer, splits)
+    data = task.prepare(cfg, tokenizer, training_splits(cfg, splits))
     outcome = train_model(model, data.objective, cfg, epoch_logger(tracker), checkpoints)
     tracker.set_tags(outcome_tags(outcome, cfg))
     final = task.final_metrics(model, tokenizer, data, cfg, tracker, out_dir, baseline)
@@ -78,13 +81,25 @@ def train_and_evaluate(
     task.verify_reload(model, data, model_dir, cfg)
     tracker.set_tags({"peftflow.reload_check": "passed"})
     tracker.log_artifact(model_dir, "model_folder")
+    # The stage's compute from model load to the verified folder (train_seconds: epochs only).
+    final["run_seconds"] = time.perf_counter() - started
+    tracker.log_metrics({"run_seconds": final["run_seconds"]})
     return TrainedModel(final, str(model_dir), outcome.history)
 
 
 def train_replica(task: TaskKind, cfg: ExperimentConfig, splits: dict[str, pd.DataFrame]) -> None:
     """A data-parallel rank other than 0: the same model, data and loop; it logs nothing."""
     model, tokenizer, _ = build_model(cfg, task.build_base)
-    train_model(model, task.prepare(cfg, tokenizer, splits).objective, cfg, on_epoch=None)
+    data = task.prepare(cfg, tokenizer, training_splits(cfg, splits))
+    train_model(model, data.objective, cfg, on_epoch=None)
+
+
+def training_splits(cfg: ExperimentConfig, splits: dict[str, pd.DataFrame]) -> dict:
+    """The splits a run trains on: train cut to ``train.max_examples`` (val and test whole)."""
+    cap = cfg.train.max_examples
+    if cap is None:
+        return splits
+    return {**splits, "train": sample_train(splits["train"], cap, cfg.seed)}
 
 
 def build_untouched(

@@ -123,7 +123,7 @@ def train_model(
     tc = cfg.train
     if not objective.lengths:
         raise TrainingError("the train split is empty; check data.split fractions and the data")
-    set_seed(cfg.seed)
+    set_seed(cfg.training_seed)
     device, replicas = _place(model, tc)
     warn_if_emulated(device, tc.precision)
     store_frozen_weights_for_autocast(model, device, tc.precision)
@@ -284,7 +284,7 @@ def _run_epoch(
     # Length grouping saves compute only when a batch is padded to its own longest;
     # under a fixed width, or no padding, it would only make batches less random.
     grouped = tc.group_by_length and cfg.model.padding == "longest"
-    batches = batch_order(objective.lengths, tc.batch_size, cfg.seed, epoch, grouped)
+    batches = batch_order(objective.lengths, tc.batch_size, cfg.training_seed, epoch, grouped)
     steps = optimizer_steps(batches, tc.grad_accum_steps, unpadded=cfg.model.padding == "none")
     trainable = [p for p in model.parameters() if p.requires_grad]
     hook = METHODS[cfg.method.name].after_optimizer_step  # e.g. AdaLoRA's rank re-allocation
