@@ -7,7 +7,11 @@ import random
 import pytest
 
 from peftflow.evaluation.classification_metrics import classification_metrics
-from peftflow.evaluation.paired_bootstrap import metric_for, paired_bootstrap
+from peftflow.evaluation.paired_bootstrap import (
+    metric_for,
+    paired_bootstrap,
+    seed_averaged_interval,
+)
 from peftflow.evaluation.text_metrics import generation_metrics
 
 LABELS = ["ham", "spam"]
@@ -79,3 +83,76 @@ def test_generation_metrics_recomputed_per_resample_equal_the_logged_ones(metric
 def test_a_metric_the_gate_cannot_recompute_is_named_with_the_choices():
     with pytest.raises(ValueError, match="test_bleu, test_chrf"):
         metric_for("generation", "test_loss")
+
+
+# --- several seeds per side ------------------------------------------------------------------
+
+
+def seeded(refs, accuracy, seeds):
+    """One prediction list per seed, each right on about ``accuracy`` of ``refs``."""
+    runs = []
+    for seed in seeds:
+        rng = random.Random(seed)
+        runs.append([r if rng.random() < accuracy else LABELS[1 - LABELS.index(r)] for r in refs])
+    return runs
+
+
+def test_one_seed_a_side_matches_the_scipy_bootstrap():
+    refs, cand = answers(300, 0.9, seed=4)
+    _, champ = answers(300, 0.8, seed=5)
+    scipy = interval(refs, cand, champ, resamples=4000)
+    ours = seed_averaged_interval("test_f1", refs, [cand], [champ], LABELS, "spam", resamples=4000)
+    assert ours.candidate == pytest.approx(scipy.candidate)
+    assert ours.champion == pytest.approx(scipy.champion)
+    # Two independent bootstraps of one statistic: the same interval up to resampling noise.
+    assert ours.low == pytest.approx(scipy.low, abs=0.01)
+    assert ours.high == pytest.approx(scipy.high, abs=0.01)
+
+
+def test_each_side_is_the_mean_over_its_seeds():
+    refs, _ = answers(200, 1.0, seed=6)
+    cand, champ = seeded(refs, 0.9, [1, 2, 3]), seeded(refs, 0.7, [4, 5])
+    ids = {label: i for i, label in enumerate(LABELS)}
+
+    def mean(runs, key):
+        truth = [ids[r] for r in refs]
+        return sum(classification_metrics(truth, [ids[p] for p in run])[key] for run in runs) / len(
+            runs
+        )
+
+    for metric in ("test_f1", "test_accuracy", "test_precision", "test_recall"):
+        found = seed_averaged_interval(metric, refs, cand, champ, LABELS, "spam")
+        key = metric.removeprefix("test_")
+        assert found.candidate == pytest.approx(mean(cand, key))
+        assert found.champion == pytest.approx(mean(champ, key))
+        assert found.low <= found.improvement <= found.high
+
+
+def test_more_seeds_of_the_same_models_narrow_nothing_but_noise():
+    refs, _ = answers(400, 1.0, seed=7)
+    same = seeded(refs, 0.85, [1, 2, 3])
+    found = seed_averaged_interval("test_f1", refs, same, same, LABELS, "spam")
+    assert (found.low, found.improvement, found.high) == (0.0, 0.0, 0.0)
+    better = seed_averaged_interval("test_f1", refs, seeded(refs, 0.97, [1, 2, 3]), same, LABELS)
+    assert better.low > 0
+
+
+def test_macro_f1_for_more_than_two_labels():
+    labels = ["a", "b", "c"]
+    refs = ["a", "b", "c"] * 20
+    perfect, shifted = list(refs), [labels[(labels.index(r) + 1) % 3] for r in refs]
+    found = seed_averaged_interval("test_f1", refs, [perfect], [shifted], labels)
+    assert (found.candidate, found.champion) == (1.0, 0.0) and found.low == 1.0
+
+
+@pytest.mark.parametrize(
+    ("metric", "cand", "message"),
+    [
+        ("test_bleu", [["ham"] * 3], "not one of"),
+        ("test_f1", [], "one or more runs"),
+        ("test_f1", [["ham"] * 2], "one prediction per reference"),
+    ],
+)
+def test_bad_input_is_refused_with_what_to_fix(metric, cand, message):
+    with pytest.raises(ValueError, match=message):
+        seed_averaged_interval(metric, ["ham", "spam", "ham"], cand, [["ham"] * 3], LABELS)

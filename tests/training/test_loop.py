@@ -196,3 +196,59 @@ def test_compile_keys_a_run_only_when_on():
         plain.config_hash()
     )
     assert compiled.config_hash() != plain.config_hash()
+
+
+def test_train_seed_changes_what_training_draws_and_nothing_else(tiny_models):
+    """train.seed sets initialisation, batch order and dropout; the experiment seed (the
+    split's) alone decides when train.seed is unset."""
+    default, default_model = train_once(tiny_models["bert"], epochs=1)
+    same, _ = train_once(
+        tiny_models["bert"], epochs=1, seed=tiny_config(tiny_models["bert"], "full").seed
+    )
+    other, other_model = train_once(tiny_models["bert"], epochs=1, seed=7)
+    assert same.history == default.history
+    assert other.history != default.history
+    head = [
+        name
+        for name, _ in default_model.named_parameters()
+        if "head" in name or "classifier" in name
+    ]
+    assert head, "the tiny classifier has a head"
+    weights = dict(default_model.named_parameters())
+    assert any(not torch.equal(weights[n], dict(other_model.named_parameters())[n]) for n in head)
+
+
+def test_train_seed_and_max_examples_key_a_run_only_when_set():
+    """Configs written before the fields existed keep their hash (and their cached runs)."""
+    from peftflow.config.loading import parse_config
+
+    plain = parse_config({"name": "x", "seed": 5})
+    assert plain.training_seed == 5
+    for train in ({"seed": None}, {"max_examples": None}):
+        assert parse_config({"name": "x", "seed": 5, "train": train}).config_hash() == (
+            plain.config_hash()
+        )
+    seeded = parse_config({"name": "x", "seed": 5, "train": {"seed": 1}})
+    assert seeded.training_seed == 1 and seeded.config_hash() != plain.config_hash()
+    capped = parse_config({"name": "x", "seed": 5, "train": {"max_examples": 100}})
+    assert capped.config_hash() != plain.config_hash()
+
+
+def test_max_examples_trains_on_one_stratified_sample_for_every_training_seed():
+    import pandas as pd
+
+    from peftflow.config.loading import parse_config
+    from peftflow.task.run import training_splits
+
+    train = pd.DataFrame({"id": range(100), "text": "x", "label": ["ham"] * 80 + ["spam"] * 20})
+    splits = {"train": train, "val": train.head(10), "test": train.head(20)}
+    picked = []
+    for seed in (1, 2):
+        cfg = parse_config({"name": "x", "seed": 5, "train": {"seed": seed, "max_examples": 10}})
+        cut = training_splits(cfg, splits)
+        assert cut["val"] is splits["val"] and cut["test"] is splits["test"]
+        # data.split.max_train_examples's quotas: one row a class, the rest in proportion.
+        assert cut["train"]["label"].value_counts().to_dict() == {"ham": 7, "spam": 3}
+        picked.append(sorted(cut["train"]["id"]))
+    assert picked[0] == picked[1]
+    assert training_splits(parse_config({"name": "x"}), splits) is splits

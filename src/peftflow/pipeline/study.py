@@ -89,9 +89,9 @@ class QuestionSpec(_Frozen):
     compare: tuple[tuple[str, str], ...] = ()
     # Why a pair answers the question, or what confounds it; printed under the answer.
     note: str = ""
-    # The reference's result for every pair's b side in this question, where its b variant's
-    # own reference is not the reference's matching run (e.g. the run it varied padding on).
-    b_reference: ReferenceResult | None = None
+    # The reference's results for this question's variants where they are not the variant's
+    # own `reference` (e.g. the run the reference varied padding on), by variant name.
+    references: dict[str, ReferenceResult] = Field(default_factory=dict)
 
 
 class VariantSpec(_Frozen):

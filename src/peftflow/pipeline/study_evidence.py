@@ -39,9 +39,9 @@ def question_evidence(
     """One comparison per pair of every question, in the study's order."""
     comparisons = []
     for spec in study.questions:
-        b_reference = spec.b_reference.model_dump() if spec.b_reference else None
+        references = {name: ref.model_dump() for name, ref in spec.references.items()}
         for a, b in spec.compare:
-            pair = compare_pair(spec.question, a, b, rows, outputs_of, resamples, b_reference)
+            pair = compare_pair(spec.question, a, b, rows, outputs_of, resamples, references)
             comparisons.append(pair)
     return comparisons
 
@@ -53,10 +53,10 @@ def compare_pair(
     rows: Sequence[Row],
     outputs_of: OutputsOf,
     resamples: int = 2000,
-    b_reference: Row | None = None,
+    references: Mapping[str, Row] | None = None,
 ) -> dict:
     """``a`` against ``b``: the interval of their seed-mean F1 difference, ratios, reference
-    (``b_reference`` in place of b's own)."""
+    (a variant's entry in ``references`` in place of its own)."""
     found = {name: trained_runs(rows, name) for name in (a, b)}
     result: dict[str, Any] = {"question": question, "a": a, "b": b, "metric": METRIC}
     missing = [name for name, runs in found.items() if not runs]
@@ -74,10 +74,12 @@ def compare_pair(
         "sd": {name: _sd([r[METRIC] for r in runs]) for name, runs in found.items()},
         "trainable_ratio": _ratio(found[a], found[b], "trainable_params"),
         "train_time_ratio": _ratio(found[a], found[b], "train_seconds"),
-        **_against_reference(
-            found[a][0].get("reference"), b_reference or found[b][0].get("reference"), interval
-        ),
+        **_against_reference(*(_reference(found, n, references) for n in (a, b)), interval),
     }
+
+
+def _reference(found: Mapping[str, list[Row]], name: str, overrides: Mapping | None) -> Row | None:
+    return (overrides or {}).get(name) or found[name][0].get("reference")
 
 
 def compare_with_baseline(
