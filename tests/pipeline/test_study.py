@@ -104,7 +104,7 @@ def test_cpu_study_budget_can_answer_with_three_seeds():
 
 def test_hub_only_variant_is_refused_offline_by_name(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ConfigError, match="variant 'smollm2-360m-lora-last'.*HF_HUB_OFFLINE"):
+    with pytest.raises(ConfigError, match="variant 'smollm2-360m-lora-last-seed1'.*HF_HUB_OFFLINE"):
         plan_study(ROOT / "configs" / "studies" / "seven_questions_full.yaml")
 
 
