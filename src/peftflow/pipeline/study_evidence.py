@@ -8,7 +8,7 @@ carries the ratios of trainable parameters and of train time, and the reference'
 result for the same two variants when the study has one, with whether the directions
 agree. The best variant is compared with the TF-IDF baseline the same way.
 
-Depends on: evaluation (paired_bootstrap, test_outputs), pipeline.study.
+Depends on: evaluation (paired_bootstrap, test_outputs), pipeline (study, gate).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any
 
 from peftflow.evaluation.paired_bootstrap import seed_averaged_interval
 from peftflow.evaluation.test_outputs import ExampleOutputs
+from peftflow.pipeline.gate import logged_outputs
 from peftflow.pipeline.study import NOT_TRAINED, StudyConfig
 
 METRIC = "test_f1"
@@ -180,8 +181,6 @@ def _against_reference(ref_a: Row | None, ref_b: Row | None, interval: Mapping) 
 
 def mlflow_outputs(client) -> OutputsOf:
     """``outputs_of`` over an MLflow client: each run's logged test outputs, read once."""
-    from peftflow.pipeline.gate import logged_outputs
-
     cache: dict[str, ExampleOutputs | None] = {}
 
     def outputs_of(run_id: str) -> ExampleOutputs | None:

@@ -4,7 +4,7 @@ The task (:class:`~peftflow.task.base.TaskKind`) supplies its model, its encoded
 and objective, its scoring and its reload check; everything else (parameter counts,
 the memory prediction, epoch curves, history, the saved folder) is the same for all.
 
-Depends on: config, models, training, tracking.
+Depends on: config, data, models, training, tracking.
 """
 
 from __future__ import annotations
