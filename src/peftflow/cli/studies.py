@@ -68,20 +68,22 @@ def study(
 
 def _print_plan(plan) -> None:
     typer.echo(f"study {plan.study.name}: {len(plan.variants)} variants, all valid")
+    width = max(len(variant.name) for variant in plan.variants)
     for variant in plan.variants:
         question = " / ".join(variant.questions) or "(methods table)"
-        typer.echo(f"  {variant.name:<34} {variant.config.method.name:<20} {question}")
+        typer.echo(f"  {variant.name:<{width}} {variant.config.method.name:<20} {question}")
     for method, reason in plan.skipped_methods.items():
         typer.echo(f"  skipped method {method}: {reason}")
 
 
 def _print_study_summary(outcome) -> None:
-    typer.echo(f"\n{'variant':<28} {'status':<8} {'test F1':>8} {'trainable %':>12}")
+    width = max([len("variant")] + [len(row["variant"]) for row in outcome.results])
+    typer.echo(f"\n{'variant':<{width}} {'status':<8} {'test F1':>8} {'trainable %':>12}")
     for row in outcome.results:
         f1, share = row.get("test_f1"), row.get("trainable_percent")
         f1_text = "-" if f1 is None else f"{f1:.4f}"
         share_text = "-" if share is None else f"{share:.3g}"
-        typer.echo(f"{row['variant']:<28} {row['status']:<8} {f1_text:>8} {share_text:>12}")
+        typer.echo(f"{row['variant']:<{width}} {row['status']:<8} {f1_text:>8} {share_text:>12}")
     typer.echo(f"report: {outcome.report_paths[0]} (parent MLflow run {outcome.parent_run_id})")
     if outcome.failed:
         typer.secho(f"failed variants: {', '.join(outcome.failed)}", fg=typer.colors.RED, err=True)
