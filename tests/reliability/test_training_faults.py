@@ -46,6 +46,7 @@ TIMING_METRICS = {
     "train_examples_per_second",
     "train_tokens_per_second",
     "peak_memory_mb",
+    "run_seconds",
 }
 
 

@@ -21,7 +21,6 @@ from typing import Literal
 
 from peftflow.errors import ConfigError
 from peftflow.fsutil import atomic_folder
-from peftflow.models.onnx_bert import convert_onnx_bert
 
 Family = Literal["encoder", "decoder"]
 
@@ -313,6 +312,9 @@ def _converted_gguf_folder(gguf_path: Path, version: str) -> Path:
 
 def _converted_onnx_folder(graph_path: Path, version: str, tokenizer_of: str) -> Path:
     """Convert a packaged BERT ONNX graph once into an HF folder (seconds), then reuse it."""
+    # The serving runtime does not ship onnx_bert: a served model never converts a graph.
+    from peftflow.models.onnx_bert import convert_onnx_bert  # deferred: first use of a graph
+
     target = cache_root() / "models" / f"{graph_path.stem}-{version}"
     tokenizer_folder = Path(resolve_model(tokenizer_of).location)
     return convert_onnx_bert(graph_path, tokenizer_folder, target)
