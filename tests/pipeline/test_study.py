@@ -51,6 +51,15 @@ def write_study(folder: Path, study: dict, base: dict | None = None) -> Path:
     return path
 
 
+def study_project(tmp_path: Path) -> tuple[Path, str]:
+    """A git project holding a 240-row spam table, and its SQLite tracking URI."""
+    root = tmp_path / "project"
+    root.mkdir()
+    subprocess.run(["git", "init", "-q", str(root)], check=True)
+    synthetic_spam_table(240)[["text", "label"]].to_csv(root / "messages.csv", index=False)
+    return root, f"sqlite:///{root / 'mlflow.db'}"
+
+
 def variant(name: str, question: str | list[str], **overrides) -> dict:
     return {"name": name, "question": question, "overrides": overrides}
 
@@ -357,11 +366,7 @@ def test_study_nests_variant_runs_and_logs_the_report(prefect_server, tiny_model
 
     from flows.study import study
 
-    root = tmp_path / "project"
-    root.mkdir()
-    subprocess.run(["git", "init", "-q", str(root)], check=True)
-    synthetic_spam_table(240)[["text", "label"]].to_csv(root / "messages.csv", index=False)
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    root, uri = study_project(tmp_path)
     base = {
         "name": "base",
         "seed": 3,
@@ -450,11 +455,7 @@ def test_seeded_study_isolates_runs_and_answers_each_pair(prefect_server, tiny_m
     pair over both seeds on the same test emails, and the baseline is compared too."""
     from flows.study import study
 
-    root = tmp_path / "project"
-    root.mkdir()
-    subprocess.run(["git", "init", "-q", str(root)], check=True)
-    synthetic_spam_table(240)[["text", "label"]].to_csv(root / "messages.csv", index=False)
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    root, uri = study_project(tmp_path)
     base = {
         "name": "base",
         "seed": 3,
